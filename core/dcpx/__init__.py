@@ -1,5 +1,7 @@
 """dcpx: compressed, encrypted and verified storage for PyTorch Distributed Checkpoint."""
 
+__version__ = "0.1.0"
+
 from .errors import (
     CheckpointFormatError,
     CommitError,
@@ -16,6 +18,10 @@ from .hookspecs import hookimpl, hookspec
 from .descriptor import Descriptor, format_descriptor, parse as parse_descriptor
 from .plugins import host as plugin_host
 from .transform import ChunkInfo, ItemInfo, Transform
+from .rules import Rule
+from .writer import FileSystemWriter
+from .reader import FileSystemReader
+from .api import SafeLoadPlanner, load, save
 
 
 def transform(name: str, **params: object) -> Transform:
@@ -33,6 +39,12 @@ __all__ = [
     "ChunkInfo",
     "CommitError",
     "ConfigError",
+    "FileSystemReader",
+    "FileSystemWriter",
+    "Rule",
+    "SafeLoadPlanner",
+    "load",
+    "save",
     "DcpxError",
     "Descriptor",
     "DescriptorError",

@@ -206,6 +206,12 @@ class TorchStreamTransform(Transform):
     def get_descriptor(self) -> str:
         return self.extension.get_descriptor()
 
+    def transform_to(self, output: IO[bytes]) -> IO[bytes]:
+        return self.extension.transform_to(output)
+
+    def transform_from(self, input: IO[bytes]) -> IO[bytes]:
+        return self.extension.transform_from(input)
+
     def with_descriptor(self, desc: Descriptor) -> "Transform":
         version = desc.format().partition("/")[2]
         return TorchStreamTransform(type(self.extension).from_descriptor(version))

@@ -1,0 +1,93 @@
+"""``dcpx.save`` / ``dcpx.load``: one-call wrappers around ``dcp.save`` / ``dcp.load``.
+
+They build the dcpx writer/reader, load non-tensor entries without ``weights_only=False``,
+and re-raise dcpx errors as themselves instead of torch's ``CheckpointException`` (which
+derives from ``BaseException`` and escapes ``except Exception``).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any, Sequence
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint._traverse import set_element
+
+from .errors import DcpxError, UnsafeCheckpointError
+from .reader import FileSystemReader
+from .writer import FileSystemWriter
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """``DefaultLoadPlanner`` that loads non-tensor entries with ``weights_only=True``.
+
+    Stock DCP unpickles them with ``weights_only=False``, so an edited data file can run
+    code.  Pass ``planner=dcpx.SafeLoadPlanner()`` to ``dcp.load`` for the same protection.
+    """
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except Exception as exc:
+            raise UnsafeCheckpointError(
+                f"{read_item.storage_index.fqn}: non-tensor entry refused by the safe loader "
+                f"({type(exc).__name__}: {exc}); only tensors, containers and primitive values are allowed"
+            ) from exc
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def save(
+    state_dict: dict[str, Any],
+    path: str | os.PathLike,
+    *,
+    transforms: Sequence[Any] | None = None,
+    process_group: Any = None,
+    planner: Any = None,
+    **writer_options: Any,
+) -> None:
+    """Save ``state_dict`` to ``path`` through dcpx (works with and without a process group)."""
+    writer = FileSystemWriter(path, transforms=transforms, **writer_options)
+    with unwrap_errors():
+        dcp.save(state_dict, storage_writer=writer, process_group=process_group, planner=planner)
+
+
+def load(
+    state_dict: dict[str, Any],
+    path: str | os.PathLike,
+    *,
+    transforms: Sequence[Any] | None = None,
+    require: Sequence[str] = (),
+    process_group: Any = None,
+    planner: Any = None,
+    **reader_options: Any,
+) -> None:
+    """Load ``path`` into ``state_dict`` in place, safely: non-tensor entries never run code."""
+    reader = FileSystemReader(path, transforms=transforms, require=require, **reader_options)
+    with unwrap_errors():
+        dcp.load(state_dict, storage_reader=reader, process_group=process_group, planner=planner or SafeLoadPlanner())
+
+
+class unwrap_errors:
+    """Context manager: turn a ``CheckpointException`` that carries one dcpx error into it."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if isinstance(exc, CheckpointException):
+            for failure in _failures(exc):
+                if isinstance(failure, DcpxError):
+                    raise failure from exc
+        return False
+
+
+def _failures(exc: CheckpointException) -> list[BaseException]:
+    return [value[0] if isinstance(value, tuple) else value for value in (exc.failures or {}).values()]

@@ -1,0 +1,176 @@
+"""Chaining transforms over chunks, on a thread pool, with bounded memory.
+
+Encoding runs the chain innermost first (the order the user listed the transforms) on each
+chunk; decoding runs it outermost first.  zstd, AES-GCM and hashing release the GIL, so
+chunks of one item, and items of one file, are encoded and decoded in parallel, while the
+thread that owns the file writes results strictly in order.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+from .errors import CheckpointFormatError, DcpxError, IntegrityError
+from .framing import FrameIndex, chunk_count
+from .transform import Buffer, ChunkInfo, ItemInfo, Transform
+
+DEFAULT_CHUNK_SIZE = 4 << 20
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+_pool_lock = threading.Lock()
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def codec_pool(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool per size; chunk tasks never wait on other tasks, so sharing is safe."""
+    with _pool_lock:
+        pool = _pools.get(workers)
+        if pool is None:
+            pool = _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="dcpx-codec")
+        return pool
+
+
+@dataclass(frozen=True)
+class BoundChain:
+    """A chain specialised for one item: transforms innermost first, descriptors likewise."""
+
+    transforms: tuple[Transform, ...]
+    descriptors: tuple[str, ...]
+
+    @classmethod
+    def for_item(cls, chain: Sequence[Transform], item: ItemInfo) -> "BoundChain":
+        bound = tuple(t.for_item(item) for t in chain)
+        return cls(bound, tuple(t.get_descriptor() for t in bound))
+
+    def outermost_first(self) -> list[str]:
+        return list(reversed(self.descriptors))
+
+
+@dataclass
+class EncodedChunk:
+    data: Buffer
+    layer_sizes: tuple[int, ...]
+    records: tuple[str | None, ...]
+
+
+def encode_chunk(chain: BoundChain, raw: memoryview, chunk: ChunkInfo) -> EncodedChunk:
+    data: Buffer = raw
+    sizes: list[int] = []
+    records: list[str | None] = []
+    for i, transform in enumerate(chain.transforms):
+        info = ChunkInfo(chunk.item, chunk.index, chunk.count, chunk.offset, chunk.size, chain.descriptors[:i])
+        data = transform.encode(memoryview(data), info)
+        view = memoryview(data)
+        sizes.append(view.nbytes)
+        records.append(transform.chunk_record(view, info))
+    return EncodedChunk(data, tuple(sizes), tuple(records))
+
+
+def decode_chunk(chain: BoundChain, stored: Buffer, chunk: ChunkInfo, layer_sizes: Sequence[int]) -> Buffer:
+    """Undo the chain on one chunk; every layer must produce exactly its recorded size."""
+    data: Buffer = stored
+    expected = [chunk.size, *layer_sizes[:-1]]
+    for i in range(len(chain.transforms) - 1, -1, -1):
+        info = ChunkInfo(chunk.item, chunk.index, chunk.count, chunk.offset, chunk.size, chain.descriptors[:i])
+        try:
+            data = chain.transforms[i].decode(memoryview(data), info, expected[i])
+        except DcpxError:
+            raise
+        except Exception as exc:  # a plugin's library error still names the item
+            raise CheckpointFormatError(
+                f"{chunk.item.fqn}: {chain.descriptors[i]} failed to decode chunk {chunk.index}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        if memoryview(data).nbytes != expected[i]:
+            raise IntegrityError(
+                f"{chunk.item.fqn}: {chain.descriptors[i]} decoded chunk {chunk.index} to "
+                f"{memoryview(data).nbytes} bytes, expected {expected[i]}"
+            )
+    return data
+
+
+def iter_chunks(raw_size: int, chunk_size: int) -> Iterator[tuple[int, int, int]]:
+    """(index, offset, size) of each chunk of an item of ``raw_size`` bytes."""
+    for k in range(chunk_count(raw_size, chunk_size)):
+        start = k * chunk_size
+        yield k, start, min(chunk_size, raw_size - start)
+
+
+class OrderedWindow:
+    """Submit work to a pool and hand results back in submission order, keeping at most
+    ``limit`` bytes of results in flight (the bound on encode memory)."""
+
+    def __init__(self, pool: ThreadPoolExecutor, limit: int) -> None:
+        self._pool, self._limit = pool, limit
+        self._queue: deque[tuple[Future, int, object]] = deque()
+        self._in_flight = 0
+
+    def submit(self, fn: Callable[[], object], cost: int, tag: object) -> Iterator[tuple[object, object]]:
+        """Queue ``fn``; yield finished (tag, result) pairs whenever the window is full."""
+        while self._queue and self._in_flight + cost > self._limit:
+            yield self._pop()
+        self._queue.append((self._pool.submit(fn), cost, tag))
+        self._in_flight += cost
+
+    def drain(self) -> Iterator[tuple[object, object]]:
+        while self._queue:
+            yield self._pop()
+
+    def cancel(self) -> None:
+        for fut, _, _ in self._queue:
+            fut.cancel()
+        self._queue.clear()
+
+    def _pop(self) -> tuple[object, object]:
+        fut, cost, tag = self._queue.popleft()
+        self._in_flight -= cost
+        return tag, fut.result()
+
+
+def decode_range(
+    index: FrameIndex,
+    chain: BoundChain,
+    item: ItemInfo,
+    read: Callable[[int, int], Buffer],
+    lo: int,
+    hi: int,
+    out: memoryview,
+    pool: ThreadPoolExecutor | None,
+) -> None:
+    """Decode raw bytes ``[lo, hi)`` of a framed item into ``out``, touching only the chunks
+    that overlap the range.  ``read(offset, size)`` returns stored bytes relative to the item."""
+    if hi <= lo:
+        return
+    offsets = index.stored_offsets()
+    first, last = lo // index.chunk_size, (hi - 1) // index.chunk_size
+
+    def one(k: int) -> None:
+        start, end = index.raw_span(k)
+        sizes = index.layer_sizes[k]
+        stored = read(offsets[k], sizes[-1])
+        chunk = ChunkInfo(item, k, index.count, start, end - start)
+        data = memoryview(decode_chunk(chain, stored, chunk, sizes)).cast("B")
+        a, b = max(lo, start), min(hi, end)
+        out[a - lo:b - lo] = data[a - start:b - start]
+
+    ks = range(first, last + 1)
+    if pool is None or len(ks) == 1:
+        for k in ks:
+            one(k)
+        return
+    futures = [pool.submit(one, k) for k in ks]
+    try:
+        for fut in futures:
+            fut.result()
+    finally:
+        for fut in futures:
+            fut.cancel()

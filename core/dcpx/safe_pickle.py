@@ -1,0 +1,88 @@
+"""Reading ``.metadata`` without running code from the checkpoint.
+
+``.metadata`` is a pickle of DCP's own ``Metadata`` so that stock tools keep reading it.
+Plain ``pickle.load`` would execute any callable named in the file; this unpickler admits
+only DCP metadata types, torch dtypes/sizes/layouts/memory formats and plain containers,
+and refuses everything else *before* any object is built.  Plugins that store their own
+types in metadata add them through the ``dcpx_safe_globals`` hook.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from typing import Any, Iterable
+
+import torch
+
+from .errors import UnsafeCheckpointError
+
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+_ALLOWED: set[tuple[str, str]] = {
+    (_DCP_METADATA, n)
+    for n in (
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.distributed.checkpoint.filesystem", "_StoragePrefix"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "tuple"),
+    ("builtins", "list"),
+    ("builtins", "dict"),
+    ("builtins", "complex"),
+}
+_TORCH_ATTRS = (torch.dtype, torch.layout, torch.memory_format)
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BufferedIOBase, where: str, extra: set[tuple[str, str]]) -> None:
+        super().__init__(file)
+        self._where = where
+        self._extra = extra
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED or (module, name) in self._extra:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), _TORCH_ATTRS):
+            return getattr(torch, name)
+        raise UnsafeCheckpointError(
+            f"{self._where}: refusing to load {module}.{name}; only DCP metadata types are allowed "
+            f"(a plugin can allow its own types with the dcpx_safe_globals hook)"
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafeCheckpointError(f"{self._where}: persistent ids are not allowed in checkpoint metadata")
+
+
+def safe_loads(data: bytes, where: str, extra: Iterable[tuple[str, str]] = ()) -> Any:
+    """Unpickle ``data`` admitting only allow-listed globals; any failure is a dcpx error."""
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data), where, set(extra)).load()
+    except UnsafeCheckpointError:
+        raise
+    except Exception as exc:  # truncated or garbled pickles raise many kinds of errors
+        raise UnsafeCheckpointError(f"{where}: metadata is not a valid pickle ({type(exc).__name__}: {exc})") from exc
+
+
+def plugin_safe_globals() -> set[tuple[str, str]]:
+    from .plugins import host
+
+    extra: set[tuple[str, str]] = set()
+    for pairs in host().pm.hook.dcpx_safe_globals():
+        extra.update((str(m), str(n)) for m, n in pairs or ())
+    return extra

@@ -1,0 +1,36 @@
+"""Zero-copy views between CPU tensors and bytes (dtype and shape live in DCP metadata)."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+
+if sys.byteorder != "little":  # the on-disk format is little-endian; say so instead of corrupting
+    raise ImportError("dcpx supports little-endian machines only")
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def nbytes_of(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> int:
+    return math.prod(shape) * element_size(dtype)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor, without copying.  Keep the tensor alive."""
+    if tensor.numel() == 0:
+        return memoryview(b"")
+    flat = tensor.reshape(-1)
+    if flat.dtype != torch.uint8:
+        flat = flat.view(torch.uint8)
+    return memoryview(flat.numpy()).cast("B")
+
+
+def writable_bytes(tensor: torch.Tensor) -> memoryview | None:
+    """A writable byte view of ``tensor`` if it is a contiguous CPU tensor, else None."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.is_conj() or tensor.is_neg():
+        return None
+    return tensor_bytes(tensor)

@@ -1,0 +1,438 @@
+"""``FileSystemWriter``: DCP's ``StorageWriter`` with transforms, chunk framing and a safe commit."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import pickle
+import threading
+import uuid
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch.distributed.checkpoint.filesystem import FileSystem, SerializationFormat, _StorageInfo
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
+from torch.distributed.checkpoint.staging import BlockingAsyncStager
+from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
+from torch.futures import Future
+
+from . import commit, manifest
+from .errors import CommitError, ConfigError
+from .framing import FRAME_DESCRIPTOR, RAW_DESCRIPTOR, FrameIndex
+from .pipeline import DEFAULT_CHUNK_SIZE, BoundChain, OrderedWindow, codec_pool, default_workers, encode_chunk, iter_chunks
+from .rules import TransformSpec, resolve_transforms
+from .safetensors_io import write_safetensors_file
+from .tensor_bytes import tensor_bytes
+from .transform import ChunkInfo, ItemInfo
+
+DCP_VERSION = "1.0.0"
+SUFFIX = ".distcp"
+
+
+@dataclass(frozen=True)
+class _PlanData:
+    """What the coordinator tells every rank: file prefix, shared checkpoint id, name tag."""
+
+    prefix: str
+    checkpoint_id: str
+    tag: str | None
+
+
+@dataclass
+class _ItemStorageInfo(_StorageInfo):
+    """``_StorageInfo`` plus what the manifest needs; reduced to plain ``_StorageInfo`` in
+    ``finish`` so ``.metadata`` holds only torch's own types."""
+
+    raw_size: int = 0
+    records: dict[str, str] = field(default_factory=dict)
+
+    def plain(self) -> _StorageInfo:
+        return _StorageInfo(self.relative_path, self.offset, self.length, self.transform_descriptors)
+
+
+class FileSystemWriter(StorageWriter, BlockingAsyncStager):
+    """Drop-in replacement for ``torch.distributed.checkpoint.FileSystemWriter``.
+
+    Accepts every argument of torch's writer with the same meaning, plus:
+
+    * ``transforms``: transforms to apply, innermost first, e.g. ``["zstd", "encrypt",
+      "checksum"]`` or instances from ``dcpx.transform(...)``; torch's ``_extensions``
+      is accepted as an alias.  May also be a list of per-item rules (``dcpx.Rule``).
+    * ``compat``: write exactly what stock torch writes (``torch.save`` items, unframed,
+      only transforms torch knows), so stock ``FileSystemReader`` loads it.  Also implied
+      by passing ``serialization_format=SerializationFormat.TORCH_SAVE`` explicitly.
+    * ``chunk_size``: items larger than this are split into independently decodable chunks.
+    * ``workers``: threads that encode chunks (default: one per available core).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        single_file_per_rank: bool = True,
+        sync_files: bool = True,
+        thread_count: int = 1,
+        per_thread_copy_ahead: int = 10_000_000,
+        cache_staged_state_dict: bool = False,
+        overwrite: bool = True,
+        _extensions: Sequence[Any] | None = None,
+        serialization_format: SerializationFormat | None = None,
+        *,
+        transforms: Sequence[TransformSpec] | None = None,
+        compat: bool = False,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        workers: int | None = None,
+    ) -> None:
+        StorageWriter.__init__(self)
+        BlockingAsyncStager.__init__(self, cache_staged_state_dict=cache_staged_state_dict)
+        if transforms is not None and _extensions is not None:
+            raise ConfigError("pass either transforms= or _extensions=, not both")
+        if thread_count < 1 or chunk_size < 1:
+            raise ConfigError("thread_count and chunk_size must be positive")
+        self.fs = FileSystem()
+        self.path = os.fspath(path)
+        self.single_file_per_rank = single_file_per_rank
+        self.sync_files = sync_files
+        self.thread_count = thread_count
+        self.per_thread_copy_ahead = per_thread_copy_ahead
+        self.overwrite = overwrite
+        self.serialization_format = serialization_format or SerializationFormat.TORCH_SAVE
+        self.compat = compat or serialization_format == SerializationFormat.TORCH_SAVE
+        self.safetensors = self.serialization_format == SerializationFormat.SAFETENSORS
+        self.chunk_size = chunk_size
+        self.workers = workers or default_workers()
+        self.rules = resolve_transforms(transforms if transforms is not None else _extensions)
+        if self.safetensors and self.rules.any_active():
+            raise ConfigError(
+                "serialization_format=SAFETENSORS cannot carry transforms: a safetensors file holds raw "
+                "tensor bytes only. Drop the transforms or use the default format"
+            )
+        if self.compat:
+            self.rules = self.rules.torch_compatible()
+        self.rank: int | None = None
+        self.is_coordinator = True
+        self.use_collectives = True
+        self._plan: _PlanData | None = None
+        self._lock: commit.SaveLock | None = None
+        self.save_id = uuid.uuid4().hex
+
+    # -- StorageWriter protocol -------------------------------------------------------
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        self._release()
+        if checkpoint_id:
+            self.path = os.fspath(checkpoint_id)
+        self._plan = None
+        self.save_id = uuid.uuid4().hex
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+        self.rank = kwargs.get("rank")
+        self.use_collectives = kwargs.get("use_collectives", True)
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=self.path, save_id=self.save_id)
+
+    @property
+    def checkpoint_id(self) -> str | os.PathLike:
+        return self.path
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return FileSystem.validate_checkpoint_id(checkpoint_id)
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        os.makedirs(self.path, exist_ok=True)
+        if os.path.exists(os.path.join(self.path, self._metadata_name(0 if not self.use_collectives else None))):
+            if not self.overwrite:
+                raise CommitError(f"{self.path}: a checkpoint already exists and overwrite=False")
+        if not self.use_collectives:
+            rank = self.rank or 0
+            self._lock_and_clean(prefix=f"__{rank}_")
+            plan = dataclasses.replace(plan, storage_data=self._new_plan_data(f"__{rank}_"))
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        self._lock_and_clean(prefix=None)
+        shared = self._new_plan_data("")
+        return [
+            dataclasses.replace(p, storage_data=dataclasses.replace(shared, prefix=f"__{i}_"))
+            if not isinstance(p.storage_data, _PlanData) else p
+            for i, p in enumerate(plans)
+        ]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        data: _PlanData = plan.storage_data
+        self._plan = data
+        files = self._assign_files(plan.items, data)
+        results: list[WriteResult] = []
+        errors: list[BaseException] = []
+        lock = threading.Lock()
+
+        def run(queue: list[tuple[str, list[WriteItem]]]) -> None:
+            for name, items in queue:
+                if errors:
+                    return
+                try:
+                    out = self._write_file(name, items, planner, data.checkpoint_id)
+                except BaseException as exc:  # reported to DCP through the future below
+                    errors.append(exc)
+                    return
+                with lock:
+                    results.extend(out)
+
+        queues = [files[i::self.thread_count] for i in range(self.thread_count)]
+        threads = [threading.Thread(target=run, args=(q,), name="dcpx-writer") for q in queues[1:]]
+        for t in threads:
+            t.start()
+        run(queues[0])
+        for t in threads:
+            t.join()
+        fut: Future[list[WriteResult]] = Future()
+        if errors:
+            fut.set_exception(errors[0])
+        else:
+            fut.set_result(results)
+        return fut
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        try:
+            self._commit(metadata, results)
+        finally:
+            self._release()
+
+    # -- files -------------------------------------------------------------------------
+    def _assign_files(self, items: list[WriteItem], data: _PlanData) -> list[tuple[str, list[WriteItem]]]:
+        tag = f".{data.tag}" if data.tag else ""
+        names = (f"{data.prefix}{n}{tag}{SUFFIX}" for n in range(1 << 62))
+        if self.safetensors:
+            tensors = [i for i in items if i.type != WriteItemType.BYTE_IO]
+            blobs = [i for i in items if i.type == WriteItemType.BYTE_IO]
+            groups = _balance(tensors, self.thread_count) if self.single_file_per_rank else [[i] for i in tensors]
+            groups += [blobs] if self.single_file_per_rank else [[i] for i in blobs]
+        elif self.single_file_per_rank:
+            groups = _balance(items, self.thread_count)
+        else:
+            groups = [[i] for i in items]
+        return [(next(names), g) for g in groups if g]
+
+    def _write_file(self, name: str, items: list[WriteItem], planner: SavePlanner, checkpoint_id: str) -> list[WriteResult]:
+        path = os.path.join(self.path, name)
+        if self.safetensors and items[0].type != WriteItemType.BYTE_IO:
+            tensors = [(item, _cpu_tensor(planner.resolve_data(item))) for item in items]
+            placed = write_safetensors_file(path, tensors, self.sync_files)
+            return [_result(item, name, off, length, [RAW_DESCRIPTOR], length, {}) for item, off, length in placed]
+        pool = codec_pool(self.workers)
+        window = OrderedWindow(pool, max(4 * self.workers * self.chunk_size, self.per_thread_copy_ahead))
+        results: list[WriteResult] = []
+        with open(path, "wb") as f:
+            try:
+                for tag, value in _chain(
+                    (w for item in items for job in self._item_jobs(item, planner, checkpoint_id, name) for w in window.submit(*job)),
+                    window.drain(),
+                ):
+                    result = tag(f, value)
+                    if result is not None:
+                        results.append(result)
+            except BaseException:
+                window.cancel()
+                raise
+            if self.sync_files:
+                f.flush()
+                os.fsync(f.fileno())
+        return results
+
+    def _item_jobs(self, item: WriteItem, planner: SavePlanner, checkpoint_id: str, name: str) -> Iterator[tuple[Any, int, Any]]:
+        """Jobs for one item as (work, cost in bytes, continuation run in file order)."""
+        data = planner.resolve_data(item)
+        if item.type == WriteItemType.BYTE_IO:
+            buffer = data.getbuffer() if isinstance(data, io.BytesIO) else memoryview(bytes(data))
+            raw, keep, info = memoryview(buffer).cast("B"), buffer, ItemInfo(item.index.fqn, buffer.nbytes, checkpoint_id=checkpoint_id)
+        else:
+            keep = tensor = _cpu_tensor(data)
+            raw = tensor_bytes(tensor)
+            info = ItemInfo(
+                item.index.fqn, raw.nbytes, tensor.dtype, tuple(tensor.shape),
+                tuple(item.index.offset) if item.index.offset is not None else None, checkpoint_id,
+            )
+        state = _ItemState(item, name, info, keep, self.chunk_size)
+        chain = BoundChain.for_item(self.rules.chain_for(info), info)
+        if self.compat:
+            yield (lambda: _torch_save_bytes(item, keep, chain), raw.nbytes, state.write_whole)
+        elif not chain.transforms:
+            state.descriptors = [RAW_DESCRIPTOR] if item.type != WriteItemType.BYTE_IO else None
+            yield (lambda: raw, 0, state.write_whole)
+        else:
+            state.chain = chain
+            for k, offset, size in iter_chunks(raw.nbytes, self.chunk_size):
+                chunk = ChunkInfo(info, k, -(-raw.nbytes // self.chunk_size), offset, size)
+                yield (lambda c=chunk: encode_chunk(chain, raw[c.offset:c.offset + c.size], c), size, state.write_chunk)
+            yield (lambda: None, 0, state.write_index)
+
+    # -- commit ------------------------------------------------------------------------
+    def _commit(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        if self._plan is None:
+            raise CommitError(f"{self.path}: finish() called before write_data()")
+        checkpoint_id = self._plan.checkpoint_id
+        storage: dict[MetadataIndex, _StorageInfo] = {}
+        records: list[manifest.ItemRecord] = []
+        for wr in (wr for rank_results in results for wr in rank_results):
+            info = wr.storage_data
+            storage[wr.index] = info.plain() if isinstance(info, _ItemStorageInfo) else info
+            records.append(manifest.ItemRecord(
+                fqn=wr.index.fqn,
+                shard_offsets=list(wr.index.offset) if wr.index.offset is not None else None,
+                file=info.relative_path, offset=info.offset, length=info.length,
+                raw_size=getattr(info, "raw_size", info.length),
+                descriptors=list(info.transform_descriptors or []),
+                records=dict(getattr(info, "records", {})),
+            ))
+        metadata.storage_data = storage
+        metadata.version = DCP_VERSION
+        metadata.storage_meta = StorageMeta(checkpoint_id=self.path, save_id=checkpoint_id)
+        md_bytes = pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL)
+        body = manifest.build(checkpoint_id, md_bytes, records, {"files": _file_sizes(self.path, records)})
+        man_name = manifest.manifest_name(checkpoint_id)
+        commit.write_atomic(self.path, man_name, manifest.dumps(body, self.rules.manifest_key()), man_name + ".tmp", self.sync_files)
+        md_name = self._metadata_name(self.rank if not self.use_collectives else None)
+        commit.write_atomic(self.path, md_name, md_bytes, f".metadata.tmp-{checkpoint_id}", self.sync_files)
+        if self.use_collectives:
+            keep = {r.file for r in records} | {man_name}
+            commit.remove_files(self.path, commit.owned_leftovers(self.path, keep))
+
+    def _metadata_name(self, rank: int | None) -> str:
+        return commit.METADATA if rank is None else f"__{rank}{commit.METADATA}"
+
+    def _new_plan_data(self, prefix: str) -> _PlanData:
+        committed = os.path.exists(os.path.join(self.path, commit.METADATA))
+        return _PlanData(prefix, self.save_id, uuid.uuid4().hex[:12] if committed else None)
+
+    def _lock_and_clean(self, prefix: str | None) -> None:
+        if prefix is None:
+            self._lock = commit.SaveLock(self.path)
+            self._lock.acquire()
+            from .reader import referenced_files
+
+            keep = referenced_files(self.path)
+            if keep is not None:
+                commit.remove_files(self.path, commit.owned_leftovers(self.path, keep))
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
+class _ItemState:
+    """Tracks one item while its pieces are written in order by the file's thread."""
+
+    def __init__(self, item: WriteItem, name: str, info: ItemInfo, keep: Any, chunk_size: int) -> None:
+        self.item, self.name, self.info, self.keep = item, name, info, keep
+        self.chunk_size = chunk_size
+        self.offset: int | None = None
+        self.descriptors: list[str] | None = None
+        self.chain: BoundChain | None = None
+        self.sizes: list[tuple[int, ...]] = []
+        self.records: list[tuple[str | None, ...]] = []
+
+    def _start(self, f: io.BufferedWriter) -> None:
+        if self.offset is None:
+            self.offset = f.tell()
+
+    def write_whole(self, f: io.BufferedWriter, value: Any) -> WriteResult:
+        data, descriptors = value if isinstance(value, tuple) else (value, self.descriptors)
+        self._start(f)
+        f.write(data)
+        length = f.tell() - self.offset
+        self.keep = None
+        return _result(self.item, self.name, self.offset, length, descriptors, self.info.nbytes, {})
+
+    def write_chunk(self, f: io.BufferedWriter, encoded: Any) -> None:
+        self._start(f)
+        f.write(encoded.data)
+        self.sizes.append(encoded.layer_sizes)
+        self.records.append(encoded.records)
+
+    def write_index(self, f: io.BufferedWriter, _: None) -> WriteResult:
+        assert self.chain is not None
+        self._start(f)
+        index = FrameIndex(self.info.nbytes, self.chunk_size, len(self.chain.transforms), tuple(self.sizes))
+        f.write(index.encode())
+        records: dict[str, str] = {}
+        for layer, transform in enumerate(self.chain.transforms):
+            value = transform.item_record(self.info, [r[layer] for r in self.records])
+            if value is not None:
+                records[self.chain.descriptors[layer]] = value
+        length = f.tell() - self.offset
+        self.keep = None
+        descriptors = [FRAME_DESCRIPTOR, *self.chain.outermost_first()]
+        return _result(self.item, self.name, self.offset, length, descriptors, self.info.nbytes, records)
+
+
+def _torch_save_bytes(item: WriteItem, data: Any, chain: BoundChain) -> tuple[bytes, list[str] | None]:
+    """Compat mode: the item exactly as stock torch writes it (torch.save, torch's streams)."""
+    from .transform import _Sink
+
+    sink = _Sink()
+    stream: Any = sink
+    exts = [t.extension for t in chain.transforms]  # type: ignore[attr-defined]
+    for ext in reversed(exts):
+        stream = ext.transform_to(stream)
+    if item.type == WriteItemType.BYTE_IO:
+        stream.write(data)
+    else:
+        torch.save(data, stream)
+    stream.close()
+    return sink.getvalue(), (chain.outermost_first() or None)
+
+
+def _chain(*iterables: Iterator[Any]) -> Iterator[Any]:
+    for it in iterables:
+        yield from it
+
+
+def _balance(items: list[WriteItem], bins: int) -> list[list[WriteItem]]:
+    """Spread items over ``bins`` files by size, as torch does, so threads finish together."""
+    if bins == 1:
+        return [list(items)]
+    groups: list[list[WriteItem]] = [[] for _ in range(bins)]
+    sizes = [0] * bins
+    blobs = [i for i in items if i.type == WriteItemType.BYTE_IO]
+    for n, item in enumerate(blobs):
+        groups[n % bins].append(item)
+    for item in sorted((i for i in items if i.type != WriteItemType.BYTE_IO), key=_item_nbytes, reverse=True):
+        k = sizes.index(min(sizes))
+        groups[k].append(item)
+        sizes[k] += _item_nbytes(item)
+    return groups
+
+
+def _item_nbytes(item: WriteItem) -> int:
+    td = item.tensor_data
+    assert td is not None
+    n = 1
+    for s in td.size:
+        n *= s
+    return n * torch.empty((), dtype=td.properties.dtype).element_size()
+
+
+def _cpu_tensor(data: Any) -> torch.Tensor:
+    tensor = data.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != tensor.nbytes:
+        tensor = tensor.contiguous() if not tensor.is_contiguous() else tensor.clone()
+    return tensor
+
+
+def _result(item: WriteItem, name: str, offset: int, length: int, descriptors: list[str] | None,
+            raw_size: int, records: dict[str, str]) -> WriteResult:
+    info = _ItemStorageInfo(name, offset, length, descriptors, raw_size=raw_size, records=records)
+    return WriteResult(index=item.index, size_in_bytes=length, storage_data=info)
+
+
+def _file_sizes(directory: str, records: list[manifest.ItemRecord]) -> dict[str, int]:
+    return {name: os.path.getsize(os.path.join(directory, name)) for name in sorted({r.file for r in records})}
