@@ -55,8 +55,11 @@ def save(
 ) -> None:
     """Save ``state_dict`` to ``path`` through dcpx (works with and without a process group)."""
     writer = FileSystemWriter(path, transforms=transforms, **writer_options)
-    with unwrap_errors():
-        dcp.save(state_dict, storage_writer=writer, process_group=process_group, planner=planner)
+    try:
+        with unwrap_errors():
+            dcp.save(state_dict, storage_writer=writer, process_group=process_group, planner=planner)
+    finally:
+        writer.reset()  # releases the save lock even when another rank failed
 
 
 def load(
@@ -76,15 +79,18 @@ def load(
 
 
 class unwrap_errors:
-    """Context manager: turn a ``CheckpointException`` that carries one dcpx error into it."""
+    """Context manager: re-raise the error inside torch's ``CheckpointException`` (a
+    ``BaseException``) as itself, so ``except Exception`` / ``except dcpx.DcpxError`` work."""
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         if isinstance(exc, CheckpointException):
-            for failure in _failures(exc):
-                if isinstance(failure, DcpxError):
+            failures = _failures(exc)
+            # prefer a dcpx error (it names the item); else the first ordinary exception
+            for failure in sorted(failures, key=lambda f: not isinstance(f, DcpxError)):
+                if isinstance(failure, Exception):
                     raise failure from exc
         return False
 

@@ -25,8 +25,9 @@ FRAME_DESCRIPTOR = "frame@dcpx/1"
 RAW_DESCRIPTOR = "raw@dcpx/1"
 MARKERS = (FRAME_DESCRIPTOR, RAW_DESCRIPTOR)
 
-FOOTER = struct.Struct("<8sQI4x")
-HEADER = struct.Struct("<QQIH2x")
+FOOTER = struct.Struct("<8sQI4s")
+HEADER = struct.Struct("<QQIH2s")
+_PAD4, _PAD2 = bytes(4), bytes(2)
 MAGIC = b"DCPXFRM1"
 MAX_CHUNK_SIZE = 1 << 30
 # A layer may legitimately grow a chunk a little (headers, tags, a raw-stored flag); a
@@ -57,9 +58,9 @@ class FrameIndex:
         return offsets
 
     def encode(self) -> bytes:
-        body = HEADER.pack(self.raw_size, self.chunk_size, self.count, self.layers)
+        body = HEADER.pack(self.raw_size, self.chunk_size, self.count, self.layers, _PAD2)
         body += b"".join(struct.pack(f"<{self.layers}Q", *sizes) for sizes in self.layer_sizes)
-        return body + FOOTER.pack(MAGIC, len(body), zlib.crc32(body))
+        return body + FOOTER.pack(MAGIC, len(body), zlib.crc32(body), _PAD4)
 
 
 def chunk_count(raw_size: int, chunk_size: int) -> int:
@@ -70,9 +71,9 @@ def parse_footer(footer: bytes, item_length: int, where: str) -> int:
     """Return the index length recorded in an item's footer, after checking it."""
     if item_length < FOOTER.size or len(footer) != FOOTER.size:
         raise CheckpointFormatError(f"{where}: item of {item_length} bytes is too short for a dcpx frame")
-    magic, index_len, _crc = FOOTER.unpack(footer)
-    if magic != MAGIC:
-        raise CheckpointFormatError(f"{where}: frame footer magic is {magic!r}, expected {MAGIC!r}")
+    magic, index_len, _crc, pad = FOOTER.unpack(footer)
+    if magic != MAGIC or pad != _PAD4:
+        raise CheckpointFormatError(f"{where}: frame footer is corrupted (magic {magic!r}, reserved {pad!r})")
     if index_len < HEADER.size or index_len > item_length - FOOTER.size:
         raise CheckpointFormatError(f"{where}: frame index length {index_len} does not fit the item")
     return index_len
@@ -82,10 +83,10 @@ def parse_index(
     footer: bytes, body: bytes, item_length: int, layers: int, where: str, expected_raw: int | None, max_raw: int
 ) -> FrameIndex:
     """Parse and validate an index read from untrusted bytes."""
-    _magic, index_len, crc = FOOTER.unpack(footer)
+    _magic, index_len, crc, _pad = FOOTER.unpack(footer)
     if len(body) != index_len or zlib.crc32(body) != crc:
         raise CheckpointFormatError(f"{where}: frame index is corrupted (CRC mismatch)")
-    raw_size, chunk_size, count, n_layers = HEADER.unpack_from(body)
+    raw_size, chunk_size, count, n_layers, _pad = HEADER.unpack_from(body)
     if n_layers != layers:
         raise CheckpointFormatError(f"{where}: frame has {n_layers} layers but metadata lists {layers} transforms")
     if expected_raw is not None and raw_size != expected_raw:

@@ -30,6 +30,17 @@ _pool_lock = threading.Lock()
 _pools: dict[int, ThreadPoolExecutor] = {}
 
 
+def _forget_pools() -> None:
+    """A forked child inherits the pool objects but not their threads: start afresh."""
+    global _pool_lock
+    _pool_lock = threading.Lock()
+    _pools.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
+
+
 def codec_pool(workers: int) -> ThreadPoolExecutor:
     """A process-wide pool per size; chunk tasks never wait on other tasks, so sharing is safe."""
     with _pool_lock:
@@ -75,11 +86,12 @@ def encode_chunk(chain: BoundChain, raw: memoryview, chunk: ChunkInfo) -> Encode
     return EncodedChunk(data, tuple(sizes), tuple(records))
 
 
-def decode_chunk(chain: BoundChain, stored: Buffer, chunk: ChunkInfo, layer_sizes: Sequence[int]) -> Buffer:
-    """Undo the chain on one chunk; every layer must produce exactly its recorded size."""
+def decode_chunk(chain: BoundChain, stored: Buffer, chunk: ChunkInfo, layer_sizes: Sequence[int], stop: int = 0) -> Buffer:
+    """Undo the chain on one chunk; every layer must produce exactly its recorded size.
+    With ``stop`` > 0 only the layers from the outermost down to ``stop`` are undone."""
     data: Buffer = stored
     expected = [chunk.size, *layer_sizes[:-1]]
-    for i in range(len(chain.transforms) - 1, -1, -1):
+    for i in range(len(chain.transforms) - 1, stop - 1, -1):
         info = ChunkInfo(chunk.item, chunk.index, chunk.count, chunk.offset, chunk.size, chain.descriptors[:i])
         try:
             data = chain.transforms[i].decode(memoryview(data), info, expected[i])

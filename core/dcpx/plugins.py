@@ -69,6 +69,7 @@ class PluginHost:
         self.pm.add_hookspecs(hookspecs)
         self._autoload = autoload
         self._loaded = False
+        self._loading = False
         self._lock = threading.RLock()
         self._registry: dict[str, Registration] = {}
         self._plugins: dict[str, PluginInfo] = {}
@@ -80,14 +81,18 @@ class PluginHost:
         if self._loaded:
             return
         with self._lock:
-            if self._loaded:
+            if self._loaded or self._loading:  # _loading: re-entered from a plugin's hook
                 return
-            self._loaded = True
-            if os.environ.get("DCPX_TRACE_PLUGINS"):
-                self.pm.trace.root.setwriter(sys.stderr.write)
-                self.pm.enable_tracing()
-            if self._autoload and not _truthy(os.environ.get("DCPX_DISABLE_PLUGIN_AUTOLOAD")):
-                self._load_entry_points()
+            self._loading = True
+            try:
+                if os.environ.get("DCPX_TRACE_PLUGINS"):
+                    self.pm.trace.root.setwriter(sys.stderr.write)
+                    self.pm.enable_tracing()
+                if self._autoload and not _truthy(os.environ.get("DCPX_DISABLE_PLUGIN_AUTOLOAD")):
+                    self._load_entry_points()
+            finally:
+                self._loading = False
+                self._loaded = True
 
     def _load_entry_points(self) -> None:
         allow = _allow_list(os.environ.get("DCPX_LOAD_PLUGINS"))

@@ -8,9 +8,11 @@ torch 2.13 writes (torch.save items, with or without torch's zstd extension).
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -25,12 +27,12 @@ from torch.futures import Future
 from . import commit, manifest
 from .descriptor import parse
 from .errors import CheckpointFormatError, DcpxError, PolicyError, UnsafeCheckpointError
-from .framing import FOOTER, FRAME_DESCRIPTOR, MARKERS, RAW_DESCRIPTOR, parse_footer, parse_index
+from .framing import FOOTER, FRAME_DESCRIPTOR, MARKERS, RAW_DESCRIPTOR, FrameIndex, parse_footer, parse_index
 from .pipeline import BoundChain, codec_pool, decode_range, default_workers
 from .plugins import as_transform, host
 from .safe_pickle import plugin_safe_globals, safe_loads
 from .tensor_bytes import element_size, writable_bytes
-from .transform import ItemInfo, Transform, descriptor_name, read_bounded
+from .transform import ItemInfo, Transform, descriptor_name, read_bounded, transform_name
 
 MAX_METADATA_BYTES = 4 << 30
 # torch.save wraps a tensor's bytes in a small zip archive; allow that much on top.
@@ -75,7 +77,7 @@ class FileSystemReader(StorageReader):
         self._configured: dict[str, Transform] = {}
         for spec in transforms or ():
             t = host().create(spec) if isinstance(spec, str) else as_transform(spec)
-            self._configured[t.descriptor().name] = t
+            self._configured[transform_name(t)] = t
         if _extension_registry is not None:
             for name, cls in getattr(_extension_registry, "extensions", {}).items():
                 host()._add("torch-extension-registry", cls)
@@ -177,7 +179,11 @@ class FileSystemReader(StorageReader):
                 raise CheckpointFormatError(f"{where}: data file is missing") from exc
             except OSError as exc:
                 raise CheckpointFormatError(f"{where}: cannot open data file: {exc}") from exc
-            opened = files[rel] = _OpenFile(fd, os.fstat(fd).st_size)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                os.close(fd)
+                raise UnsafeCheckpointError(f"{where}: {rel!r} is not a regular file")
+            opened = files[rel] = _OpenFile(fd, st.st_size)
         if offset + length > opened.size:
             raise CheckpointFormatError(
                 f"{where}: item ends at byte {offset + length} but the file has only {opened.size} bytes (truncated?)"
@@ -243,21 +249,17 @@ class _ReadJob:
                 return self._native(target)
             return self._stock(target)
         except DcpxError as exc:
-            if self.req.storage_index.fqn in str(exc):
+            if self.where in str(exc):
                 raise
-            raise type(exc)(f"{self.where}: {exc}") from exc
+            named = copy.copy(exc)  # keeps a plugin error's attributes (digests, key ids)
+            named.args = (f"{self.where}: {exc}",)
+            raise named from exc
 
     # dcpx items: raw bytes or framed chunks -------------------------------------------
     def _native(self, target: torch.Tensor | None) -> Any:
         marker, chain_desc = self.descriptors[0], self.descriptors[1:]
-        if self.expected is None:
-            raw_size = None
-            item = ItemInfo(self.req.storage_index.fqn, 0, checkpoint_id=self._checkpoint_id())
-        else:
-            dtype, shape = self.expected
-            raw_size = math.prod(shape) * element_size(dtype)
-            item = ItemInfo(self.req.storage_index.fqn, raw_size, dtype, shape,
-                            tuple(self.req.storage_index.offset or ()), self._checkpoint_id())
+        item = self.item_info()
+        raw_size = item.nbytes if self.expected is not None else None
         if marker == RAW_DESCRIPTOR:
             if chain_desc:
                 raise CheckpointFormatError(f"{self.where}: a raw item cannot list transforms {chain_desc}")
@@ -270,15 +272,7 @@ class _ReadJob:
                 if n != hi - lo:
                     raise CheckpointFormatError(f"{self.where}: file is shorter than recorded (truncated)")
         else:
-            if marker != FRAME_DESCRIPTOR or not chain_desc:
-                raise CheckpointFormatError(f"{self.where}: malformed dcpx descriptor list {self.descriptors}")
-            footer = self.pread(self.length - FOOTER.size, FOOTER.size) if self.length >= FOOTER.size else b""
-            index_len = parse_footer(footer, self.length, self.where)
-            body = self.pread(self.length - FOOTER.size - index_len, index_len)
-            index = parse_index(footer, body, self.length, len(chain_desc), self.where, raw_size, self.reader.max_item_bytes if raw_size is None else raw_size)
-            innermost_first = list(reversed(chain_desc))
-            transforms = tuple(self.reader.transform_for(d, self.where) for d in innermost_first)
-            chain = BoundChain(transforms, tuple(innermost_first))
+            index, chain = self.frame(raw_size)
             size = index.raw_size
             item = ItemInfo(item.fqn, size, item.dtype, item.shape, item.offsets, item.checkpoint_id)
             pool = codec_pool(self.reader.workers) if index.count > 1 else None
@@ -291,6 +285,27 @@ class _ReadJob:
             return bytes(buf)
         return self._into_tensor(target, fill)
 
+    def frame(self, raw_size: int | None) -> tuple[FrameIndex, BoundChain]:
+        """Validate a framed item's index and build its decode chain."""
+        chain_desc = self.descriptors[1:]
+        if self.descriptors[0] != FRAME_DESCRIPTOR or not chain_desc:
+            raise CheckpointFormatError(f"{self.where}: malformed dcpx descriptor list {self.descriptors}")
+        footer = self.pread(self.length - FOOTER.size, FOOTER.size) if self.length >= FOOTER.size else b""
+        index_len = parse_footer(footer, self.length, self.where)
+        body = self.pread(self.length - FOOTER.size - index_len, index_len)
+        limit = self.reader.max_item_bytes if raw_size is None else raw_size
+        index = parse_index(footer, body, self.length, len(chain_desc), self.where, raw_size, limit)
+        innermost_first = list(reversed(chain_desc))
+        transforms = tuple(self.reader.transform_for(d, self.where) for d in innermost_first)
+        return index, BoundChain(transforms, tuple(innermost_first))
+
+    def item_info(self) -> ItemInfo:
+        if self.expected is None:
+            return ItemInfo(self.req.storage_index.fqn, 0, checkpoint_id=self._checkpoint_id())
+        dtype, shape = self.expected
+        return ItemInfo(self.req.storage_index.fqn, math.prod(shape) * element_size(dtype), dtype, shape,
+                        tuple(self.req.storage_index.offset or ()), self._checkpoint_id())
+
     def _into_tensor(self, target: torch.Tensor, fill: Any) -> torch.Tensor:
         dtype, shape = self.expected
         req = self.req
@@ -301,7 +316,7 @@ class _ReadJob:
         if any(o < 0 or o + n > s for o, n, s in zip(offsets, lengths, shape)) or len(offsets) != len(shape):
             raise CheckpointFormatError(f"{self.where}: requested region {offsets}+{lengths} is outside the stored shape {shape}")
         itemsize = element_size(dtype)
-        if all(n == 0 for n in [math.prod(lengths)]):
+        if math.prod(lengths) == 0:  # the frame, if any, was validated in _native
             return target
         # rows: the request is a contiguous byte range when only the leading dim is narrowed
         leading_only = all(o == 0 and n == s for o, n, s in zip(offsets[1:], lengths[1:], shape[1:]))

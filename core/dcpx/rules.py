@@ -102,11 +102,12 @@ def _build(rule: Rule, chain: tuple[Transform, ...]) -> Rule:
 
 def build_chain(specs: Sequence[TransformSpec]) -> tuple[Transform, ...]:
     from .plugins import as_transform, host
+    from .transform import transform_name
 
     chain = []
     for spec in specs:
         chain.append(host().create(spec) if isinstance(spec, str) else as_transform(spec))
-    names = [t.descriptor().name for t in chain]
+    names = [transform_name(t) for t in chain]
     if len(set(names)) != len(names):
         raise ConfigError(f"a transform appears twice in one chain: {names}")
     return tuple(chain)

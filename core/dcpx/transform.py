@@ -71,6 +71,9 @@ class Transform(StreamTransformExtension):
 
     name: ClassVar[str]
     version: ClassVar[int] = 1
+    #: True for transforms whose decode proves the bytes are intact (checksums, AEAD);
+    #: ``dcpx verify`` decodes down to the outermost such layer.
+    verifies_integrity: ClassVar[bool] = False
 
     # -- configuration ------------------------------------------------------------------
     def params(self) -> dict[str, str]:
@@ -261,6 +264,13 @@ def read_bounded(stream: IO[bytes], limit: int) -> bytes:
         parts.append(piece)
         total += len(piece)
     return b"".join(parts)
+
+
+def transform_name(transform: Transform) -> str:
+    """The registry name of a transform instance, without evaluating its parameters."""
+    if isinstance(transform, TorchStreamTransform):
+        return transform.extension.registry_name()
+    return type(transform).name
 
 
 def descriptor_name(text: str) -> str:

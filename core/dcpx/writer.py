@@ -193,6 +193,9 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
             t.join()
         fut: Future[list[WriteResult]] = Future()
         if errors:
+            # nothing will be committed: remove this rank's partial files, free the path
+            commit.remove_files(self.path, [name for name, _ in files])
+            self._release()
             fut.set_exception(errors[0])
         else:
             fut.set_result(results)
@@ -262,7 +265,8 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         chain = BoundChain.for_item(self.rules.chain_for(info), info)
         if self.compat:
             yield (lambda: _torch_save_bytes(item, keep, chain), raw.nbytes, state.write_whole)
-        elif not chain.transforms:
+        elif not chain.transforms or (info.is_tensor and raw.nbytes == 0):
+            # an empty tensor has no bytes to transform, and DCP never issues a read for it
             state.descriptors = [RAW_DESCRIPTOR] if item.type != WriteItemType.BYTE_IO else None
             yield (lambda: raw, 0, state.write_whole)
         else:

@@ -1,0 +1,140 @@
+"""The ``dcpx`` command (also ``python -m dcpx``).
+
+Exit codes: 0 success, 1 the checkpoint failed a check, 2 usage or input error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from tqdm import tqdm
+
+from .errors import DcpxError
+
+EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
+
+
+def _progress(total: int, unit: str, quiet: bool, desc: str) -> tqdm:
+    return tqdm(total=total, unit=unit, unit_scale=True, desc=desc, disable=quiet or not sys.stderr.isatty(), file=sys.stderr)
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from .plugins import host
+
+    h = host()
+    plugins = [vars(p) | {"transforms": list(p.transforms), "hooks": list(p.hooks)} for p in h.plugins()]
+    builtin = [{"name": r.name, "source": r.source} for r in h.registrations()]
+    failures = [vars(f) for f in h.failures()]
+    if args.json:
+        print(json.dumps({"plugins": plugins, "transforms": builtin, "failures": failures}, indent=1))
+        return EXIT_OK
+    print("plugins:")
+    for p in plugins:
+        print(f"  {p['name']:<12} {p['distribution'] or '(in-process)'} {p['version'] or ''}")
+        print(f"      transforms: {', '.join(p['transforms']) or '-'}   hooks: {', '.join(p['hooks'])}")
+    if not plugins:
+        print("  (none installed)")
+    print("transforms:")
+    for r in builtin:
+        print(f"  {r['name']:<24} from {r['source']}")
+    for f in failures:
+        print(f"failed: {f['name']} ({f['distribution']}): {f['error']}")
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect import describe
+
+    info = describe(args.path)
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+        return EXIT_OK
+    print(f"checkpoint   {args.path}")
+    print(f"id           {info['checkpoint_id'] or '-'}   (manifest: {'yes' if info['manifest'] else 'no, stock DCP'})")
+    print(f"written by   dcpx {info['dcpx_version'] or '-'}, torch {info['torch_version'] or '-'}")
+    print(f"transforms   {', '.join(info['transforms']) or '(none)'}")
+    print(f"{'item':<48} {'dtype':<16} {'shape':<20} {'raw':>12} {'stored':>12} {'ratio':>6}")
+    for it in info["items"]:
+        ratio = f"{it['stored_bytes'] / it['raw_bytes']:.3f}" if it["raw_bytes"] else "-"
+        raw = f"{it['raw_bytes']:,}" if it["raw_bytes"] is not None else "?"
+        print(f"{it['fqn'][:48]:<48} {str(it['dtype'] or 'bytes'):<16} {str(it['shape'] or ''):<20} {raw:>12} {it['stored_bytes']:>12,} {ratio:>6}")
+    t = info["totals"]
+    print(f"total: {t['items']} items, {t['raw_bytes']:,} raw bytes, {t['stored_bytes']:,} stored ({t['ratio']:.3f})")
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify_checkpoint
+    from .reader import load_metadata
+
+    metadata, _ = load_metadata(args.path)
+    total = len(metadata.storage_data or {})
+    with _progress(total, "item", args.quiet, "verify") as bar:
+        results = verify_checkpoint(args.path, on_item=lambda _c: bar.update(1))
+    failed = [r for r in results if r.status == "failed"]
+    missing = [r for r in results if r.status == "missing"]
+    ok = [r for r in results if r.status == "ok"]
+    if args.json:
+        print(json.dumps({"ok": len(ok), "failed": [vars(r) for r in failed], "missing": [vars(r) for r in missing]}, indent=1))
+    else:
+        for r in failed:
+            print(f"FAILED  {r.fqn} {r.shard_offsets or ''} in {r.file}: {r.detail}")
+        for r in missing:
+            print(f"{'missing' if args.allow_missing else 'NO DIGEST'}  {r.fqn} {r.shard_offsets or ''} in {r.file}")
+        print(f"{len(ok)} verified, {len(failed)} failed, {len(missing)} without a digest")
+    if failed or (missing and not args.allow_missing):
+        if missing and not args.allow_missing and not args.json:
+            print("items without a digest fail verification; pass --allow-missing to accept them", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    import base64
+
+    key = os.urandom(32)
+    encoded = base64.b64encode(key).decode()
+    if args.id in (None, "default"):
+        print(f"DCPX_ENCRYPT_KEY={encoded}")
+    else:
+        print(f"DCPX_ENCRYPT_KEYS={args.id}:{encoded}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dcpx", description="Inspect and verify dcpx / DCP checkpoints.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plugins", help="list installed plugins and transforms")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_plugins)
+    p = sub.add_parser("inspect", help="describe a checkpoint without keys or a model")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_inspect)
+    p = sub.add_parser("verify", help="check every item's digest; exit 0 only if all verified")
+    p.add_argument("path")
+    p.add_argument("--allow-missing", action="store_true", help="accept (and list) items without a digest")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=cmd_verify)
+    p = sub.add_parser("keygen", help="print a new 32-byte key in the form the encrypt plugin reads")
+    p.add_argument("--id", default=None, help="key id (default: the single-key form)")
+    p.set_defaults(fn=cmd_keygen)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except DcpxError as exc:
+        print(f"dcpx {args.command}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

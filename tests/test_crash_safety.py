@@ -1,0 +1,152 @@
+"""A save killed at any instant leaves the previous checkpoint or the new one, never a mix."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dcpx
+from dcpx import commit
+
+sys.path.insert(0, os.path.dirname(__file__))
+from crash_zygote import N_TENSORS, state as _state  # noqa: E402
+
+
+def _load_values(path) -> set[float]:
+    out = {f"layer{i}.weight": torch.zeros(256, 256) for i in range(N_TENSORS)} | {"step": -1}
+    dcpx.load(out, path)
+    values = {float(v.unique().item()) if v.unique().numel() == 1 else float("nan")
+              for k, v in out.items() if k != "step"}
+    values.add(float(out["step"]))
+    return values
+
+
+class Zygote:
+    """Drives tests/crash_zygote.py: one forked child per save, killed on request."""
+
+    def __init__(self) -> None:
+        script = os.path.join(os.path.dirname(__file__), "crash_zygote.py")
+        env = os.environ | {"DCPX_DISABLE_PLUGIN_AUTOLOAD": "1"}  # same core-only host as the tests
+        self.proc = subprocess.Popen([sys.executable, script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env)
+
+    def save(self, path, value: float, kill_after: float | None = None, phase: str | None = None) -> dict:
+        cmd = {"path": str(path), "value": value, "kill_after": kill_after, "phase": phase}
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, "crash helper process died"
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def zygote():
+    z = Zygote()
+    yield z
+    z.close()
+
+
+@pytest.fixture
+def committed(tmp_path):
+    path = tmp_path / "ckpt"
+    dcpx.save(_state(1.0), path, transforms=["zstd"], chunk_size=64 << 10, sync_files=False)
+    return path
+
+
+@pytest.mark.parametrize("phase", ["before-manifest", "before-metadata", "after-metadata", "mid-cleanup"])
+def test_kill_at_phase_boundaries(committed, zygote, phase):
+    assert zygote.save(committed, 2.0, phase=phase)["killed"], "the save should die at the phase boundary"
+    expected = {1.0} if phase in ("before-manifest", "before-metadata") else {2.0}
+    assert _load_values(committed) == expected
+    dcpx.save(_state(3.0), committed, transforms=["zstd"], sync_files=False)
+    assert _load_values(committed) == {3.0}
+    _assert_no_leftovers(committed)
+
+
+def test_kill_at_random_points(committed, zygote):
+    first = zygote.save(committed, 2.0)
+    assert first["exit"] == 0
+    duration = max(first["seconds"], 0.05)
+    rng = random.Random(1234)
+    current = 2.0
+    for attempt in range(30):
+        value = 10.0 + attempt
+        zygote.save(committed, value, kill_after=rng.uniform(0, duration * 1.2))
+        seen = _load_values(committed)
+        assert seen in ({current}, {value}), f"attempt {attempt}: mixed checkpoint {seen}"
+        current = seen.pop()
+    dcpx.save(_state(99.0), committed, transforms=["zstd"], sync_files=False)
+    assert _load_values(committed) == {99.0}
+    _assert_no_leftovers(committed)
+
+
+def test_io_error_at_every_write_leaves_previous_intact(committed, monkeypatch):
+    """An OSError injected at the n-th file write: clear error, previous checkpoint intact."""
+    import builtins
+
+    real_open = builtins.open
+    for n in range(1, 6):
+        count = {"writes": 0}
+
+        class FailingFile:
+            def __init__(self, f):
+                self._f = f
+
+            def write(self, data):
+                count["writes"] += 1
+                if count["writes"] == n:
+                    raise OSError(28, "No space left on device (injected)")
+                return self._f.write(data)
+
+            def __getattr__(self, name):
+                return getattr(self._f, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return self._f.__exit__(*exc)
+
+        def failing_open(file, mode="r", *args, **kwargs):
+            f = real_open(file, mode, *args, **kwargs)
+            return FailingFile(f) if "w" in mode and str(committed) in str(file) else f
+
+        monkeypatch.setattr(builtins, "open", failing_open)
+        with pytest.raises(OSError) as info:
+            dcpx.save(_state(5.0), committed, transforms=["zstd"], sync_files=False)
+        monkeypatch.setattr(builtins, "open", real_open)
+        assert "injected" in str(info.value) or "No space" in repr(info.value)
+        assert _load_values(committed) == {1.0}
+        _assert_no_leftovers(committed)
+    dcpx.save(_state(6.0), committed, transforms=["zstd"], sync_files=False)
+    assert _load_values(committed) == {6.0}
+    _assert_no_leftovers(committed)
+
+
+def test_concurrent_save_is_refused(committed):
+    lock = commit.SaveLock(str(committed))
+    lock.acquire()
+    try:
+        with pytest.raises(dcpx.CommitError, match="another save"):
+            dcpx.save(_state(2.0), committed, transforms=["zstd"], sync_files=False)
+    finally:
+        lock.release()
+    assert _load_values(committed) == {1.0}
+
+
+def _assert_no_leftovers(path) -> None:
+    from dcpx.reader import referenced_files
+
+    keep = referenced_files(str(path))
+    assert keep is not None
+    assert commit.owned_leftovers(str(path), keep) == []
