@@ -94,14 +94,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    import base64
-
-    key = os.urandom(32)
-    encoded = base64.b64encode(key).decode()
-    if args.id in (None, "default"):
-        print(f"DCPX_ENCRYPT_KEY={encoded}")
-    else:
-        print(f"DCPX_ENCRYPT_KEYS={args.id}:{encoded}")
+    try:
+        from dcpx_encrypt import keys
+    except ImportError:
+        print("dcpx keygen: the encrypt plugin is not installed (pip install dcpx-encrypt)", file=sys.stderr)
+        return EXIT_ERROR
+    key_id = keys.check_key_id(args.id or "default")
+    print(keys.format_env(key_id, keys.generate_key()))
     return EXIT_OK
 
 
@@ -131,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except DcpxError as exc:
+    except (DcpxError, OSError) as exc:
         print(f"dcpx {args.command}: {exc}", file=sys.stderr)
         return EXIT_ERROR
 
