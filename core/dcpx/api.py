@@ -74,8 +74,13 @@ def load(
 ) -> None:
     """Load ``path`` into ``state_dict`` in place, safely: non-tensor entries never run code."""
     reader = FileSystemReader(path, transforms=transforms, require=require, **reader_options)
-    with unwrap_errors():
-        dcp.load(state_dict, storage_reader=reader, process_group=process_group, planner=planner or SafeLoadPlanner())
+    try:
+        with unwrap_errors():
+            dcp.load(state_dict, storage_reader=reader, process_group=process_group, planner=planner or SafeLoadPlanner())
+    except AssertionError as exc:  # torch's "metadata is None" after our metadata error
+        if reader.metadata_error is not None:
+            raise reader.metadata_error from exc
+        raise
 
 
 class unwrap_errors:

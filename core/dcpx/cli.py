@@ -104,6 +104,43 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import ConvertVerificationError, convert, transform_from_spec
+
+    transforms = [transform_from_spec(s) for arg in args.transform or () for s in arg.split(",") if s.strip()]
+    bars: dict[str, tqdm] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage) or bars.setdefault(stage, _progress(total, "B", args.quiet, stage))
+        bar.update(done - bar.n)
+
+    try:
+        r = convert(args.src, args.dst, transforms=transforms, compat=args.compat, overwrite=args.overwrite, progress=progress)
+    except ConvertVerificationError as exc:
+        print(f"dcpx convert: verification failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        for bar in bars.values():
+            bar.close()
+    chain = ", ".join(t.get_descriptor() for t in transforms) or "no transforms"
+    ratio = r.stored_bytes / r.raw_bytes if r.raw_bytes else 1.0
+    print(f"converted {r.src} ({r.src_format}) -> {r.dst} ({r.dst_format}{', compat' if args.compat else ''}; {chain})")
+    print(f"{r.items} items, {r.raw_bytes:,} raw bytes -> {r.stored_bytes:,} stored ({ratio:.3f}); "
+          f"every item verified; {r.seconds:.1f} s")
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import format_table, run
+
+    if not 0 < args.seconds <= 3600:
+        print("dcpx bench: --seconds must be between 0 and 3600", file=sys.stderr)
+        return EXIT_ERROR
+    report = run(seconds=args.seconds)
+    print(json.dumps(report, indent=1) if args.json else format_table(report))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcpx", description="Inspect and verify dcpx / DCP checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +160,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("keygen", help="print a new 32-byte key in the form the encrypt plugin reads")
     p.add_argument("--id", default=None, help="key id (default: the single-key form)")
     p.set_defaults(fn=cmd_keygen)
+    p = sub.add_parser("convert", help="re-encode a checkpoint (DCP directory, .pt or .safetensors) and verify the copy")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--transform", action="append", metavar="NAME",
+                   help="transform for DST, innermost first; repeat or separate with commas; options as NAME:key=value")
+    p.add_argument("--compat", action="store_true", help="write what stock torch reads")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=cmd_convert)
+    p = sub.add_parser("bench", help="encode/decode throughput of each installed transform on this machine")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--seconds", type=float, default=20.0, help="time budget for all measurements (default 20)")
+    p.set_defaults(fn=cmd_bench)
     return parser
 
 

@@ -16,9 +16,10 @@ from urllib.parse import quote, unquote
 from .errors import DescriptorError
 
 _NAME = r"[A-Za-z][A-Za-z0-9_.\-]*"
-_NAME_RE = re.compile(rf"^{_NAME}(?:@{_NAME})?$")
-_KEY_RE = re.compile(r"^[a-z][a-z0-9_\-]*$")
-_VERSION_RE = re.compile(r"^(0|[1-9][0-9]{0,8})$")
+# fullmatch everywhere: "$" would also accept a trailing newline
+_NAME_RE = re.compile(rf"{_NAME}(?:@{_NAME})?")
+_KEY_RE = re.compile(r"[a-z][a-z0-9_\-]*")
+_VERSION_RE = re.compile(r"0|[1-9][0-9]{0,8}")
 _SAFE = "-_.~+*"
 MAX_DESCRIPTOR_LEN = 4096
 
@@ -32,12 +33,12 @@ class Descriptor:
     params: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not _NAME_RE.match(self.name):
+        if not _NAME_RE.fullmatch(self.name):
             raise DescriptorError(f"invalid transform name {self.name!r}")
         if not isinstance(self.version, int) or self.version < 0:
             raise DescriptorError(f"invalid version {self.version!r} for {self.name!r}")
         for key, value in self.params.items():
-            if not _KEY_RE.match(key):
+            if not _KEY_RE.fullmatch(key):
                 raise DescriptorError(f"invalid parameter name {key!r} for {self.name!r}")
             if not isinstance(value, str):
                 raise DescriptorError(f"parameter {key!r} of {self.name!r} must be a string")
@@ -65,14 +66,14 @@ def parse(text: object) -> Descriptor:
         raise DescriptorError(f"descriptor longer than {MAX_DESCRIPTOR_LEN} characters")
     head, *pairs = text.split(";")
     name, sep, version = head.partition("/")
-    if not sep or not _NAME_RE.match(name):
+    if not sep or not _NAME_RE.fullmatch(name):
         raise DescriptorError(f"malformed descriptor {text!r}: expected '<name>[@<domain>]/<version>'")
-    if not _VERSION_RE.match(version):
+    if not _VERSION_RE.fullmatch(version):
         raise DescriptorError(f"malformed descriptor {text!r}: version must be a non-negative integer")
     params: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not _KEY_RE.match(key):
+        if not sep or not _KEY_RE.fullmatch(key):
             raise DescriptorError(f"malformed parameter {pair!r} in descriptor {text!r}")
         if key in params:
             raise DescriptorError(f"duplicate parameter {key!r} in descriptor {text!r}")

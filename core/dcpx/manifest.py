@@ -99,7 +99,10 @@ def verify(manifest: dict[str, Any], metadata_bytes: bytes, where: str, hmac_key
         body = {k: v for k, v in manifest.items() if k != "hmac_sha256"}
         expected = hmac.new(hmac_key, _canonical(body), hashlib.sha256).hexdigest()
         if not isinstance(tag, str) or not hmac.compare_digest(tag, expected):
-            raise IntegrityError(f"{where}: manifest HMAC does not verify with the configured key")
+            raise IntegrityError(
+                f"{where}: manifest HMAC does not verify with key {manifest.get('hmac_key', {}).get('key_id')!r}: "
+                "the key is wrong, or the manifest or .metadata was modified"
+            )
 
 
 def _canonical(body: dict[str, Any]) -> bytes:

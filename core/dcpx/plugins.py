@@ -74,6 +74,7 @@ class PluginHost:
         self._registry: dict[str, Registration] = {}
         self._plugins: dict[str, PluginInfo] = {}
         self._failures: list[PluginFailure] = []
+        self._conflicts: dict[str, str] = {}
         self._add(TORCH, ZStandard)
 
     # -- loading ----------------------------------------------------------------------
@@ -136,9 +137,6 @@ class PluginHost:
                 for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
                     if impl.plugin is plugin:
                         impl.function(**kwargs)
-        except PluginError:
-            self.pm.unregister(plugin)
-            raise
         except Exception as exc:
             self.pm.unregister(plugin)
             for n in names:
@@ -157,10 +155,12 @@ class PluginHost:
         with self._lock:
             existing = self._registry.get(name)
             if existing is not None and existing.cls is not cls and existing.source != TORCH:
-                raise PluginError(
+                message = (
                     f"transform {name!r} is registered twice: by {existing.source} and by {source}; "
                     f"uninstall one of them or restrict loading with DCPX_LOAD_PLUGINS"
                 )
+                self._conflicts[name] = message  # every later lookup of the name fails too
+                raise PluginError(message)
             self._registry[name] = Registration(name, cls, source)
         return name
 
@@ -202,6 +202,8 @@ class PluginHost:
 
     def lookup(self, name: str) -> Registration:
         self._ensure_loaded()
+        if name in self._conflicts:
+            raise PluginError(self._conflicts[name])
         reg = self._registry.get(name)
         if reg is None:
             raise UnknownTransformError(_unknown_message(name, self._failures))

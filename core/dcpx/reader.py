@@ -26,7 +26,7 @@ from torch.futures import Future
 
 from . import commit, manifest
 from .descriptor import parse
-from .errors import CheckpointFormatError, DcpxError, PolicyError, UnsafeCheckpointError
+from .errors import CheckpointFormatError, DcpxError, IntegrityError, PolicyError, UnsafeCheckpointError
 from .framing import FOOTER, FRAME_DESCRIPTOR, MARKERS, RAW_DESCRIPTOR, FrameIndex, parse_footer, parse_index
 from .pipeline import BoundChain, codec_pool, decode_range, default_workers
 from .plugins import as_transform, host
@@ -86,6 +86,7 @@ class FileSystemReader(StorageReader):
         self.storage_data: dict[MetadataIndex, Any] = {}
         self.metadata: Metadata | None = None
         self.manifest: dict[str, Any] | None = None
+        self.metadata_error: DcpxError | None = None
         self.rank: int | None = None
         self.use_collectives = True
 
@@ -93,6 +94,7 @@ class FileSystemReader(StorageReader):
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         self.storage_data = {}
         self.metadata = None
+        self.metadata_error = None
         if checkpoint_id:
             self.path = os.fspath(checkpoint_id)
 
@@ -107,17 +109,58 @@ class FileSystemReader(StorageReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         rank = kwargs.get("rank")
         name = commit.METADATA if rank is None else f"__{rank}{commit.METADATA}"
-        metadata, data = load_metadata(self.path, name)
-        self.manifest = load_manifest(self.path, metadata, data)
-        if self.expected_checkpoint_id is not None:
-            found = metadata.storage_meta.save_id if metadata.storage_meta else None
-            if found != self.expected_checkpoint_id:
-                raise PolicyError(
-                    f"{self.path}: checkpoint id is {found!r}, the caller expected {self.expected_checkpoint_id!r}"
-                )
+        try:
+            metadata, data = load_metadata(self.path, name)
+            self.manifest = load_manifest(self.path, metadata, data)
+            self._authenticate_manifest(metadata, data)
+            if self.expected_checkpoint_id is not None:
+                found = metadata.storage_meta.save_id if metadata.storage_meta else None
+                if found != self.expected_checkpoint_id:
+                    raise PolicyError(
+                        f"{self.path}: checkpoint id is {found!r}, the caller expected {self.expected_checkpoint_id!r}"
+                    )
+        except DcpxError as exc:
+            # torch retries with rank-local metadata and then raises a bare AssertionError;
+            # keep the first, informative error for dcpx.load to re-raise
+            if self.metadata_error is None:
+                self.metadata_error = exc
+            raise
         if metadata.storage_meta is None:
             metadata.storage_meta = StorageMeta()
         return metadata
+
+    def _authenticate_manifest(self, metadata: Metadata, data: bytes) -> None:
+        """Check the manifest's HMAC when a key for it is at hand.  A checkpoint whose items
+        use a keyed transform must carry a keyed manifest, so deleting or replacing the
+        manifest (to hide an edit of ``.metadata``) is detected by a reader holding the key."""
+        claim = (self.manifest or {}).get("hmac_key")
+        keyed = {n: t for n, t in self._configured.items() if callable(getattr(t, "manifest_key_for", None))}
+        used = {descriptor_name(d) for info in (metadata.storage_data or {}).values()
+                if isinstance(info, _StorageInfo) for d in (info.transform_descriptors or ()) if isinstance(d, str)}
+        if not isinstance(claim, dict):
+            if keyed.keys() & used:
+                raise IntegrityError(
+                    f"{self.path}: items use {sorted(keyed.keys() & used)} but the checkpoint has no keyed manifest; "
+                    "its manifest was removed or replaced"
+                )
+            return
+        name, key_id = str(claim.get("transform")), str(claim.get("key_id"))
+        transform = keyed.get(name)
+        if transform is None:
+            try:
+                transform = host().create(name)  # default configuration, e.g. keys from the environment
+            except DcpxError:
+                return
+        lookup = getattr(transform, "manifest_key_for", None)
+        if not callable(lookup):
+            return
+        try:
+            key = lookup(key_id)
+        except DcpxError:
+            if name in keyed:
+                raise
+            return  # no key here: the items themselves cannot be decrypted either
+        manifest.verify(self.manifest, data, f"{self.path}/{manifest.manifest_name(str(metadata.storage_meta.save_id))}", key)
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.metadata = metadata
@@ -174,7 +217,8 @@ class FileSystemReader(StorageReader):
         if opened is None:
             full = confine(self.path, rel, where)
             try:
-                fd = os.open(full, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+                # O_NONBLOCK: opening a FIFO planted in the directory must not hang
+                fd = os.open(full, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
             except FileNotFoundError as exc:
                 raise CheckpointFormatError(f"{where}: data file is missing") from exc
             except OSError as exc:

@@ -14,7 +14,7 @@ from typing import Any, Sequence, Union
 import torch
 
 from .errors import ConfigError
-from .transform import ItemInfo, Transform
+from .transform import ItemInfo, Transform, transform_name
 
 TransformSpec = Union[str, Transform, Any]
 
@@ -85,14 +85,14 @@ class TransformRules:
             out.append(_build(rule, tuple(chain)))
         return TransformRules(out)
 
-    def manifest_key(self) -> bytes | None:
-        """A key to HMAC the manifest with, offered by a transform (e.g. encryption)."""
+    def manifest_key(self) -> tuple[str, str, bytes] | None:
+        """(transform name, key id, key) to HMAC the manifest with, offered by a keyed
+        transform (one with ``manifest_key()``, e.g. encryption), or None."""
         for t in self.transforms():
-            key = getattr(t, "manifest_key", None)
-            if callable(key):
-                value = key()
-                if value:
-                    return bytes(value)
+            offer = getattr(t, "manifest_key", None)
+            if callable(offer):
+                key_id, key = offer()
+                return transform_name(t), str(key_id), bytes(key)
         return None
 
 
@@ -102,7 +102,6 @@ def _build(rule: Rule, chain: tuple[Transform, ...]) -> Rule:
 
 def build_chain(specs: Sequence[TransformSpec]) -> tuple[Transform, ...]:
     from .plugins import as_transform, host
-    from .transform import transform_name
 
     chain = []
     for spec in specs:

@@ -298,9 +298,14 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         metadata.version = DCP_VERSION
         metadata.storage_meta = StorageMeta(checkpoint_id=self.path, save_id=checkpoint_id)
         md_bytes = pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL)
-        body = manifest.build(checkpoint_id, md_bytes, records, {"files": _file_sizes(self.path, records)})
+        extra: dict[str, Any] = {"files": _file_sizes(self.path, records)}
+        keyed = self.rules.manifest_key()
+        if keyed is not None:
+            extra["hmac_key"] = {"transform": keyed[0], "key_id": keyed[1]}
+        body = manifest.build(checkpoint_id, md_bytes, records, extra)
         man_name = manifest.manifest_name(checkpoint_id)
-        commit.write_atomic(self.path, man_name, manifest.dumps(body, self.rules.manifest_key()), man_name + ".tmp", self.sync_files)
+        data = manifest.dumps(body, keyed[2] if keyed is not None else None)
+        commit.write_atomic(self.path, man_name, data, man_name + ".tmp", self.sync_files)
         md_name = self._metadata_name(self.rank if not self.use_collectives else None)
         commit.write_atomic(self.path, md_name, md_bytes, f".metadata.tmp-{checkpoint_id}", self.sync_files)
         if self.use_collectives:
@@ -424,7 +429,7 @@ def _item_nbytes(item: WriteItem) -> int:
 
 
 def _cpu_tensor(data: Any) -> torch.Tensor:
-    tensor = data.detach()
+    tensor = data.detach().resolve_conj().resolve_neg()
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
     if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != tensor.nbytes:

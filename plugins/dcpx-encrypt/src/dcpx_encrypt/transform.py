@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Callable, Mapping
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 import dcpx
 from dcpx.transform import ChunkInfo
 
@@ -16,6 +19,9 @@ from .keys import Keyring, check_key_id, is_valid_key_id
 # enough that a 4 MiB chunk splits into a few segments, big enough that per-segment Python
 # work is noise next to AES-GCM itself.
 DEFAULT_SEGMENT_SIZE = 1 << 20
+
+# Domain separation: the manifest key is derived from, never equal to, a master key.
+MANIFEST_HMAC_INFO = b"dcpx-encrypt v1 manifest hmac"
 
 PARAM_KEY_ID = "key_id"
 PARAM_SEGMENT_SIZE = "segment_size"
@@ -82,6 +88,18 @@ class EncryptTransform(dcpx.Transform):
         inst = cls(segment_size=int(seg), keyring=keyring)
         inst._recorded_key_id = check_key_id(key_id)
         return inst
+
+    # -- manifest authentication -----------------------------------------------------------
+    def manifest_key(self) -> tuple[str, bytes]:
+        """(key id, HMAC key) with which the core authenticates the checkpoint manifest."""
+        key_id = self.key_id()
+        return key_id, self.manifest_key_for(key_id)
+
+    def manifest_key_for(self, key_id: str) -> bytes:
+        """The manifest HMAC key for ``key_id``: HKDF of the master key, never the key itself."""
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=MANIFEST_HMAC_INFO).derive(
+            self.keyring.get(key_id)
+        )
 
     # -- chunks ----------------------------------------------------------------------------
     def encode(self, data: memoryview, chunk: ChunkInfo) -> memoryview:

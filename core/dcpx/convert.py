@@ -1,0 +1,702 @@
+"""Re-encoding a checkpoint into another transform chain or file format, item by item.
+
+``convert`` reads one group of stored items at a time (a group stays under ``group_bytes``
+unless a single item is larger) and hands each group to the dcpx writer, so a checkpoint of
+any size is converted with memory for one group.  A DCP destination is one checkpoint with
+the source's ``state_dict_metadata`` and one storage item per stored chunk (same
+``MetadataIndex`` offsets), committed once at the end.  Afterwards every item of the
+destination is decoded and compared with the source's, again a group at a time.
+
+Sources: a DCP directory (dcpx or stock torch), a ``torch.save`` file (``.pt``/``.pth``,
+loaded with ``weights_only=True`` and memory-mapped) or a ``.safetensors`` file.
+Destinations: the same three; ``.pt`` and ``.safetensors`` are written in one call by their
+libraries, so those hold the whole state dict in memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict, unflatten_state_dict
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    ReadItem,
+    SavePlan,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
+
+from . import commit
+from .errors import CheckpointFormatError, ConfigError, DcpxError, IntegrityError, UnsafeCheckpointError
+from .pipeline import DEFAULT_CHUNK_SIZE
+from .reader import FileSystemReader
+from .safetensors_io import _DTYPES as _SAFETENSORS_DTYPES
+from .tensor_bytes import element_size
+from .transform import Transform
+from .writer import FileSystemWriter
+
+DEFAULT_GROUP_BYTES = 256 << 20
+PT_SUFFIXES = (".pt", ".pth")
+SAFETENSORS_SUFFIX = ".safetensors"
+
+#: ``progress(stage, done_bytes, total_bytes)``; stage is "convert" or "verify".
+Progress = Callable[[str, int, int], None]
+
+
+class ConvertVerificationError(IntegrityError):
+    """The written destination does not decode to the source's items."""
+
+
+@dataclass
+class ConvertReport:
+    src: str
+    dst: str
+    src_format: str
+    dst_format: str
+    items: int
+    raw_bytes: int
+    stored_bytes: int
+    verified: bool
+    seconds: float
+
+
+@dataclass
+class _Blob:
+    """A non-tensor item: its ``torch.save`` payload and the value it holds."""
+
+    data: bytes
+    value: Any
+
+
+# -- public entry point ------------------------------------------------------------------
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    transforms: Sequence[Any] | None = None,
+    compat: bool = False,
+    reader_transforms: Sequence[Any] | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: Progress | None = None,
+    *,
+    overwrite: bool = False,
+    verify: bool = True,
+    group_bytes: int = DEFAULT_GROUP_BYTES,
+    workers: int | None = None,
+) -> ConvertReport:
+    """Write ``src`` again at ``dst`` with ``transforms`` (innermost first, as for a save).
+
+    ``compat=True`` writes a checkpoint stock torch reads.  ``reader_transforms`` configure
+    reading ``src`` (e.g. an ``encrypt`` transform holding keys).  Raises
+    ``ConvertVerificationError`` if ``dst`` does not read back equal to ``src``.
+    """
+    started = time.monotonic()
+    src, dst = os.fspath(src), os.fspath(dst)
+    dst_format = destination_format(dst)
+    _check_paths(src, dst, dst_format, overwrite)
+    if dst_format != "dcp" and (transforms or compat):
+        raise ConfigError(f"{dst}: transforms and compat mode apply to DCP checkpoints only, not to a {dst_format} file")
+    if group_bytes < 1:
+        raise ConfigError("group_bytes must be positive")
+    source = open_source(src, reader_transforms, workers)
+    report = ConvertReport(src, dst, source.format, dst_format, len(source.items),
+                           sum(_item_nbytes(i, source) for i in source.items), 0, False, 0.0)
+    if dst_format == "dcp":
+        writer = FileSystemWriter(dst, transforms=transforms, compat=compat, chunk_size=chunk_size,
+                                  workers=workers, overwrite=overwrite)
+        _write_dcp(source, writer, group_bytes, progress, report.raw_bytes)
+        configured = [t for t in (*(reader_transforms or ()), *(transforms or ())) if not isinstance(t, str)]
+        written: _Source = DcpSource(dst, configured, workers)
+    else:
+        _write_single_file(source, dst, dst_format, group_bytes, progress, report.raw_bytes)
+        written = open_source(dst, None, workers)
+    report.stored_bytes = _stored_bytes(dst, dst_format, written)
+    if verify:
+        compare(source, written, group_bytes // 2 or 1, progress, report.raw_bytes)
+        report.verified = True
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def destination_format(path: str) -> str:
+    lower = path.lower()
+    if lower.endswith(PT_SUFFIXES):
+        return "pt"
+    if lower.endswith(SAFETENSORS_SUFFIX):
+        return "safetensors"
+    return "dcp"
+
+
+def transform_from_spec(text: str) -> Transform:
+    """``"zstd"`` or ``"zstd:level=9:raw_threshold=0.9"``: options as ``:key=value``; numbers and
+    true/false are converted, anything else stays a string."""
+    from . import transform as make
+
+    name, *options = text.split(":")
+    params: dict[str, Any] = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"transform option {option!r} in {text!r} is not key=value")
+        params[key.strip()] = _option_value(value.strip())
+    return make(name.strip(), **params)
+
+
+def _option_value(text: str) -> Any:
+    if re.fullmatch(r"-?\d+", text):
+        return int(text)
+    if re.fullmatch(r"-?(\d+\.\d*|\.\d+)([eE]-?\d+)?", text):
+        return float(text)
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+# -- sources -----------------------------------------------------------------------------
+class _Source:
+    """A checkpoint seen as DCP metadata plus items that can be read a group at a time."""
+
+    format: str
+    path: str
+    metadata: Metadata
+    items: list[WriteItem]
+
+    def read(self, items: Sequence[WriteItem]) -> dict[MetadataIndex, torch.Tensor | _Blob]:
+        raise NotImplementedError
+
+    def stored_size(self, item: WriteItem) -> int:
+        return 0
+
+
+def open_source(path: str, reader_transforms: Sequence[Any] | None = None, workers: int | None = None) -> _Source:
+    """Recognise ``path`` as a DCP directory, a ``torch.save`` file or a safetensors file."""
+    if os.path.isdir(path):
+        return DcpSource(path, reader_transforms, workers)
+    if not os.path.exists(path):
+        raise CheckpointFormatError(f"{path}: no such file or directory")
+    if path.lower().endswith(SAFETENSORS_SUFFIX):
+        return SafetensorsSource(path)
+    if path.lower().endswith(PT_SUFFIXES):
+        return TorchSaveSource(path)
+    raise CheckpointFormatError(
+        f"{path}: not a checkpoint (expected a DCP checkpoint directory, a .pt/.pth torch.save file "
+        f"or a .safetensors file)"
+    )
+
+
+class DcpSource(_Source):
+    """A DCP checkpoint directory read through the dcpx reader (dcpx or stock torch)."""
+
+    format = "dcp"
+
+    def __init__(self, path: str, reader_transforms: Sequence[Any] | None, workers: int | None) -> None:
+        self.path = path
+        self.reader = FileSystemReader(path, transforms=reader_transforms, workers=workers)
+        metadata = self.reader.read_metadata()
+        self.reader.set_up_storage_reader(metadata, True)
+        self.metadata = metadata
+        self.items = _items_from_metadata(path, metadata)
+
+    def read(self, items: Sequence[WriteItem]) -> dict[MetadataIndex, torch.Tensor | _Blob]:
+        requests = [_read_request(item) for item in items]
+        sink = _Capture(self.metadata)
+        try:
+            self.reader.read_data(LoadPlan(requests), sink).wait()  # type: ignore[arg-type]
+        except DcpxError as exc:
+            raise _in_path(exc, self.path) from exc
+        out: dict[MetadataIndex, torch.Tensor | _Blob] = dict(sink.tensors)
+        for index, data in sink.blobs.items():
+            out[index] = _Blob(data, safe_value(index.fqn, data))
+        return out
+
+    def stored_size(self, item: WriteItem) -> int:
+        info = self.metadata.storage_data[item.index]
+        return int(info.length)
+
+
+def _items_from_metadata(path: str, metadata: Metadata) -> list[WriteItem]:
+    """One write item per stored chunk, in file order, keeping the source's indexes."""
+    stored: list[tuple[str, int, WriteItem]] = []
+    seen: set[tuple[str, tuple[int, ...]]] = set()
+    for index, info in (metadata.storage_data or {}).items():
+        if not isinstance(index, MetadataIndex) or not isinstance(info, _StorageInfo):
+            raise CheckpointFormatError(f"{path}/.metadata: malformed storage entry {index!r}")
+        md = metadata.state_dict_metadata.get(index.fqn)
+        where = f"{path}: item {index.fqn!r}"
+        if isinstance(md, TensorStorageMetadata):
+            offsets = tuple(int(o) for o in index.offset or ())
+            chunk = next((c for c in md.chunks if tuple(c.offsets) == offsets), None)
+            if chunk is None:
+                raise CheckpointFormatError(f"{where}: metadata has no chunk at offsets {offsets}")
+            whole = len(md.chunks) == 1 and tuple(chunk.sizes) == tuple(md.size)
+            item = WriteItem(index, WriteItemType.TENSOR if whole else WriteItemType.SHARD,
+                             tensor_data=TensorWriteData(chunk, md.properties, md.size))
+            seen.add((index.fqn, offsets))
+        elif isinstance(md, BytesStorageMetadata):
+            item = WriteItem(index, WriteItemType.BYTE_IO)
+            seen.add((index.fqn, ()))
+        else:
+            raise CheckpointFormatError(f"{where}: has stored data but no entry in state_dict_metadata")
+        stored.append((str(info.relative_path), int(info.offset or 0), item))
+    for fqn, md in metadata.state_dict_metadata.items():
+        chunks = [tuple(c.offsets) for c in md.chunks] if isinstance(md, TensorStorageMetadata) else [()]
+        for offsets in chunks:
+            if (fqn, tuple(int(o) for o in offsets)) not in seen:
+                raise CheckpointFormatError(f"{path}: item {fqn!r} (offsets {offsets}) has no stored data")
+    stored.sort(key=lambda t: (t[0], t[1]))
+    return [item for _, _, item in stored]
+
+
+def _read_request(item: WriteItem) -> ReadItem:
+    if item.type == WriteItemType.BYTE_IO:
+        zero = torch.Size([0])
+        return ReadItem(LoadItemType.BYTE_IO, item.index, zero, item.index, zero, zero)
+    sizes = item.tensor_data.chunk.sizes
+    zeros = torch.Size([0] * len(sizes))
+    return ReadItem(LoadItemType.TENSOR, item.index, zeros, item.index, zeros, torch.Size(sizes))
+
+
+class _Capture:
+    """The part of a ``LoadPlanner`` the dcpx reader calls: fresh tensors in, results kept."""
+
+    def __init__(self, metadata: Metadata) -> None:
+        self.metadata = metadata
+        self.tensors: dict[MetadataIndex, torch.Tensor] = {}
+        self.blobs: dict[MetadataIndex, bytes] = {}
+
+    def resolve_tensor(self, req: ReadItem) -> torch.Tensor:
+        md = self.metadata.state_dict_metadata[req.storage_index.fqn]
+        return torch.empty(tuple(req.lengths), dtype=md.properties.dtype)
+
+    def commit_tensor(self, req: ReadItem, tensor: torch.Tensor) -> None:
+        self.tensors[req.storage_index] = tensor
+
+    def load_bytes(self, req: ReadItem, value: io.BytesIO) -> None:
+        self.blobs[req.storage_index] = value.getvalue()
+
+
+class TorchSaveSource(_Source):
+    """A ``torch.save`` file, loaded with ``weights_only=True`` and memory-mapped where possible."""
+
+    format = "pt"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        obj = load_torch_file(path)
+        if not isinstance(obj, Mapping):
+            raise CheckpointFormatError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+        flat, mappings = flatten_state_dict(dict(obj))
+        self.values = flat
+        self.metadata, self.items = _plan_for_flat(
+            {k: (v.dtype, tuple(v.shape)) if isinstance(v, torch.Tensor) else None for k, v in flat.items()}, mappings
+        )
+
+    def read(self, items: Sequence[WriteItem]) -> dict[MetadataIndex, torch.Tensor | _Blob]:
+        out: dict[MetadataIndex, torch.Tensor | _Blob] = {}
+        for item in items:
+            value = self.values[item.index.fqn]
+            if item.type == WriteItemType.BYTE_IO:
+                buffer = io.BytesIO()
+                torch.save(value, buffer)
+                out[item.index] = _Blob(buffer.getvalue(), value)
+            else:
+                out[item.index] = value.detach()
+        return out
+
+
+def load_torch_file(path: str) -> Any:
+    """``torch.load(weights_only=True)``, memory-mapped when the file allows; errors name the path."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap can only be used" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:
+        text = str(exc)
+        if "Weights only load failed" in text:
+            detail = text.partition("WeightsUnpickler error:")[2].partition("Check the documentation")[0]
+            reason = " ".join(detail.split()).split(". ")[0] or "it holds objects other than tensors and plain values"
+            raise UnsafeCheckpointError(f"{path}: refused by torch.load(weights_only=True): {reason}") from exc
+        raise CheckpointFormatError(f"{path}: not a readable torch.save file ({type(exc).__name__}: {_first_line(text)})") from exc
+
+
+class SafetensorsSource(_Source):
+    """A safetensors file, read one tensor at a time through the safetensors library."""
+
+    format = "safetensors"
+
+    def __init__(self, path: str) -> None:
+        safe_open = _safetensors().safe_open
+        self.path = path
+        try:
+            self.file = safe_open(path, framework="pt", device="cpu")
+            dtypes = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+            entries: dict[str, tuple[torch.dtype, tuple[int, ...]] | None] = {}
+            for key in self.file.keys():
+                piece = self.file.get_slice(key)
+                code = piece.get_dtype()
+                if code not in dtypes:
+                    raise CheckpointFormatError(f"{path}: tensor {key!r} has unsupported dtype {code}")
+                entries[key] = (dtypes[code], tuple(int(s) for s in piece.get_shape()))
+        except DcpxError:
+            raise
+        except Exception as exc:
+            raise CheckpointFormatError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {_first_line(str(exc))})") from exc
+        self.metadata, self.items = _plan_for_flat(entries, {k: (k,) for k in entries})
+
+    def read(self, items: Sequence[WriteItem]) -> dict[MetadataIndex, torch.Tensor | _Blob]:
+        try:
+            return {item.index: self.file.get_tensor(item.index.fqn) for item in items}
+        except Exception as exc:
+            raise CheckpointFormatError(f"{self.path}: cannot read tensor ({type(exc).__name__}: {_first_line(str(exc))})") from exc
+
+
+def _plan_for_flat(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]] | None], mappings: Any) -> tuple[Metadata, list[WriteItem]]:
+    """Metadata and write items for a flat state dict, as DCP's default planner makes them.
+    ``entries`` maps each key to (dtype, shape) for a tensor, None for any other value."""
+    md: dict[str, Any] = {}
+    items: list[WriteItem] = []
+    for fqn, entry in entries.items():
+        if entry is None:
+            md[fqn] = BytesStorageMetadata()
+            items.append(WriteItem(MetadataIndex(fqn), WriteItemType.BYTE_IO))
+            continue
+        dtype, shape = entry
+        size = torch.Size(shape)
+        offsets = torch.Size([0] * len(shape))
+        chunk = ChunkStorageMetadata(offsets=offsets, sizes=size)
+        properties = TensorProperties(dtype=dtype)
+        md[fqn] = TensorStorageMetadata(properties=properties, size=size, chunks=[chunk])
+        items.append(WriteItem(MetadataIndex(fqn, offsets, 0), WriteItemType.TENSOR,
+                               tensor_data=TensorWriteData(chunk, properties, size)))
+    return Metadata(md, planner_data=dict(mappings)), items
+
+
+def safe_value(fqn: str, data: bytes) -> Any:
+    """A non-tensor entry, loaded as ``dcpx.SafeLoadPlanner`` loads it (``weights_only=True``)."""
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as exc:
+        raise UnsafeCheckpointError(
+            f"{fqn}: non-tensor entry refused by the safe loader ({type(exc).__name__}: {_first_line(str(exc))}); "
+            f"only tensors, containers and primitive values are allowed"
+        ) from exc
+
+
+# -- writing -----------------------------------------------------------------------------
+class _GroupPlanner:
+    """The part of a ``SavePlanner`` the dcpx writer calls: the data of the current group."""
+
+    def __init__(self, data: Mapping[MetadataIndex, torch.Tensor | _Blob]) -> None:
+        self.data = data
+
+    def resolve_data(self, item: WriteItem) -> Any:
+        value = self.data[item.index]
+        return io.BytesIO(value.data) if isinstance(value, _Blob) else value
+
+
+def _write_dcp(source: _Source, writer: FileSystemWriter, group_bytes: int, progress: Progress | None, total: int) -> None:
+    """Drive the ``StorageWriter`` protocol by hand: plan once, ``write_data`` once per group
+    (each group in its own data files), ``finish`` once with the merged results."""
+    created = not os.path.exists(writer.path)
+    writer.set_up_storage_writer(True, rank=0, use_collectives=True)
+    results: list[Any] = []
+    try:
+        plan = writer.prepare_local_plan(SavePlan(list(source.items)))
+        (plan,) = writer.prepare_global_plan([plan])
+        shared = plan.storage_data
+        done = 0
+        for n, group in enumerate(_groups(source, source.items, group_bytes)):
+            data = source.read(group)
+            sub = dataclasses.replace(plan, items=group, storage_data=dataclasses.replace(shared, prefix=f"__{n}_"))
+            results.extend(writer.write_data(sub, _GroupPlanner(data)).wait())  # type: ignore[arg-type]
+            del data
+            done += sum(_item_nbytes(i, source) for i in group)
+            if progress is not None:
+                progress("convert", done, total)
+        metadata = Metadata(dict(source.metadata.state_dict_metadata), planner_data=source.metadata.planner_data)
+        writer.finish(metadata, [results])
+    except BaseException:
+        writer.reset()
+        if not _committed(writer.path, results):
+            commit.remove_files(writer.path, {r.storage_data.relative_path for r in results})
+            if created:
+                shutil.rmtree(writer.path, ignore_errors=True)
+        raise
+
+
+def _committed(path: str, results: list[Any]) -> bool:
+    """Whether ``.metadata`` at ``path`` already names the files just written (a failure
+    after the commit point must not delete a committed checkpoint's data)."""
+    from .reader import referenced_files
+
+    mine = {r.storage_data.relative_path for r in results}
+    keep = referenced_files(path)
+    return bool(mine) and (keep is None or bool(mine & keep))
+
+
+def _write_single_file(source: _Source, dst: str, fmt: str, group_bytes: int, progress: Progress | None, total: int) -> None:
+    """A ``.pt`` or ``.safetensors`` file: shards are assembled into whole tensors, then the
+    library writes the file (to a temporary name, renamed into place)."""
+    if fmt == "safetensors":
+        blobs = [i.index.fqn for i in source.items if i.type == WriteItemType.BYTE_IO]
+        if blobs:
+            shown = ", ".join(repr(b) for b in blobs[:5]) + (" ..." if len(blobs) > 5 else "")
+            what = f"item {shown} is not a tensor" if len(blobs) == 1 else f"items {shown} are not tensors"
+            raise ConfigError(f"{source.path}: {what}; a safetensors file holds tensors only")
+    flat: dict[str, Any] = {}
+    covered: dict[str, int] = {}
+    done = 0
+    for group in _groups(source, source.items, group_bytes):
+        data = source.read(group)
+        for item in group:
+            value = data[item.index]
+            fqn = item.index.fqn
+            if isinstance(value, _Blob):
+                flat[fqn] = value.value
+            elif item.type == WriteItemType.TENSOR:
+                flat[fqn] = value
+            else:
+                td = item.tensor_data
+                whole = flat.get(fqn)
+                if whole is None:
+                    whole = flat[fqn] = torch.empty(tuple(td.size), dtype=td.properties.dtype)
+                _region(whole, td.chunk.offsets, td.chunk.sizes).copy_(value)
+                covered[fqn] = covered.get(fqn, 0) + math.prod(td.chunk.sizes)
+        done += sum(_item_nbytes(i, source) for i in group)
+        if progress is not None:
+            progress("convert", done, total)
+    for fqn, n in covered.items():
+        if n != flat[fqn].numel():
+            raise CheckpointFormatError(f"{source.path}: item {fqn!r}: stored shards cover {n} of {flat[fqn].numel()} elements")
+    order = {fqn: n for n, fqn in enumerate(source.metadata.state_dict_metadata)}
+    flat = dict(sorted(flat.items(), key=lambda kv: order.get(kv[0], len(order))))
+    tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(dst)}.tmp-{os.getpid()}")
+    try:
+        if fmt == "pt":
+            torch.save(_nest(flat, source.metadata.planner_data), tmp)
+        else:
+            _safetensors().torch.save_file(_unshared(flat), tmp, metadata={"format": "pt"})
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _nest(flat: dict[str, Any], mappings: Any) -> dict[str, Any]:
+    """Rebuild the original nesting from DCP's flattening map, when the checkpoint has one."""
+    if not isinstance(mappings, dict) or not all(
+        isinstance(mappings.get(k), (tuple, list)) and mappings[k] and all(isinstance(p, (str, int)) for p in mappings[k])
+        for k in flat
+    ):
+        return flat
+    return unflatten_state_dict(flat, {k: tuple(mappings[k]) for k in flat})
+
+
+def _unshared(flat: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied weights): give each its own."""
+    seen: set[int] = set()
+    out = {}
+    for key, tensor in flat.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        if tensor.numel() and ptr in seen:
+            tensor = tensor.clone()
+        seen.add(ptr)
+        out[key] = tensor.contiguous()
+    return out
+
+
+# -- verification ------------------------------------------------------------------------
+def compare(source: _Source, written: _Source, group_bytes: int, progress: Progress | None = None, total: int = 0) -> None:
+    """Check that every item of ``written`` decodes and equals ``source``'s, a group at a time."""
+    dst = written.path
+    src_fqns = {i.index.fqn for i in source.items}
+    dst_fqns = {i.index.fqn for i in written.items}
+    if src_fqns != dst_fqns:
+        missing, extra = sorted(src_fqns - dst_fqns), sorted(dst_fqns - src_fqns)
+        raise ConvertVerificationError(f"{dst}: items differ from {source.path}: missing {missing[:5]}, unexpected {extra[:5]}")
+    if isinstance(written, DcpSource) and isinstance(source, DcpSource):
+        if written.metadata.state_dict_metadata != source.metadata.state_dict_metadata:
+            raise ConvertVerificationError(f"{dst}: state_dict_metadata differs from {source.path}'s")
+        if set(written.metadata.storage_data) != set(source.metadata.storage_data):
+            raise ConvertVerificationError(f"{dst}: stored chunks differ from {source.path}'s")
+    by_fqn: dict[str, list[WriteItem]] = {}
+    for item in written.items:
+        by_fqn.setdefault(item.index.fqn, []).append(item)
+    done = 0
+    for group in _groups(source, source.items, group_bytes):
+        holders = [_holder(item, by_fqn[item.index.fqn], dst) for item in group]
+        expected = source.read(group)
+        try:
+            actual = written.read(list({h.index: h for h in holders}.values()))
+        except DcpxError as exc:
+            raise ConvertVerificationError(f"{dst}: does not read back: {exc}") from exc
+        for item, holder in zip(group, holders):
+            _compare_item(item, expected[item.index], holder, actual[holder.index], dst)
+        del expected, actual
+        done += sum(_item_nbytes(i, source) for i in group)
+        if progress is not None:
+            progress("verify", done, total)
+
+
+def _where(item: WriteItem, dst: str) -> str:
+    shard = f" at offsets {tuple(item.index.offset)}" if item.type == WriteItemType.SHARD else ""
+    return f"{dst}: item {item.index.fqn!r}{shard}"
+
+
+def _holder(item: WriteItem, candidates: list[WriteItem], dst: str) -> WriteItem:
+    """The destination item that holds ``item``'s data (the same chunk, or a whole tensor)."""
+    if item.type == WriteItemType.BYTE_IO:
+        if candidates[0].type != WriteItemType.BYTE_IO:
+            raise ConvertVerificationError(f"{_where(item, dst)}: expected a non-tensor entry, found a tensor")
+        return candidates[0]
+    offsets, sizes = tuple(item.tensor_data.chunk.offsets), tuple(item.tensor_data.chunk.sizes)
+    for cand in candidates:
+        if cand.type == WriteItemType.BYTE_IO:
+            raise ConvertVerificationError(f"{_where(item, dst)}: expected a tensor, found a non-tensor entry")
+        c_off, c_size = tuple(cand.tensor_data.chunk.offsets), tuple(cand.tensor_data.chunk.sizes)
+        if len(c_off) == len(offsets) and all(co <= o and o + s <= co + cs for co, cs, o, s in zip(c_off, c_size, offsets, sizes)):
+            return cand
+    raise ConvertVerificationError(f"{_where(item, dst)}: no stored chunk covers offsets {offsets}")
+
+
+def _compare_item(item: WriteItem, expected: torch.Tensor | _Blob, holder: WriteItem, got: torch.Tensor | _Blob, dst: str) -> None:
+    where = _where(item, dst)
+    if isinstance(expected, _Blob):
+        if not isinstance(got, _Blob):
+            raise ConvertVerificationError(f"{where}: expected a non-tensor entry, found a tensor")
+        if got.data != expected.data and not same_value(got.value, expected.value):
+            raise ConvertVerificationError(f"{where}: value differs from the source")
+        return
+    if not isinstance(got, torch.Tensor):
+        raise ConvertVerificationError(f"{where}: expected a tensor, found a non-tensor entry")
+    chunk, held = item.tensor_data.chunk, holder.tensor_data.chunk
+    region = _region(got, [o - h for o, h in zip(chunk.offsets, held.offsets)], chunk.sizes)
+    if region.dtype != expected.dtype or tuple(region.shape) != tuple(expected.shape):
+        raise ConvertVerificationError(
+            f"{where}: {region.dtype} {tuple(region.shape)} where the source has {expected.dtype} {tuple(expected.shape)}"
+        )
+    if not torch.equal(_as_bytes(region), _as_bytes(expected)):
+        raise ConvertVerificationError(f"{where}: tensor bytes differ from the source")
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Equality for loaded non-tensor entries: tensors bit for bit, containers element-wise."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and torch.equal(_as_bytes(a), _as_bytes(b)))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+# -- helpers -----------------------------------------------------------------------------
+def _check_paths(src: str, dst: str, dst_format: str, overwrite: bool) -> None:
+    if not os.path.exists(src):
+        raise CheckpointFormatError(f"{src}: no such file or directory")
+    if os.path.exists(dst) and os.path.realpath(src) == os.path.realpath(dst):
+        raise ConfigError(f"{dst}: the destination is the source; convert into a new path")
+    if dst_format == "dcp":
+        if os.path.exists(dst) and not os.path.isdir(dst):
+            raise ConfigError(f"{dst}: exists and is not a directory (a DCP checkpoint is a directory)")
+        if os.path.isdir(dst) and os.listdir(dst) and not overwrite:
+            raise ConfigError(f"{dst}: already exists; pass --overwrite (overwrite=True) to replace it")
+    else:
+        if os.path.isdir(dst):
+            raise ConfigError(f"{dst}: is a directory; a {dst_format} destination is a single file")
+        if os.path.exists(dst) and not overwrite:
+            raise ConfigError(f"{dst}: already exists; pass --overwrite (overwrite=True) to replace it")
+        parent = os.path.dirname(os.path.abspath(dst))
+        if not os.path.isdir(parent):
+            raise ConfigError(f"{dst}: directory {parent} does not exist")
+
+
+def _groups(source: _Source, items: Sequence[WriteItem], limit: int) -> Iterator[list[WriteItem]]:
+    """Consecutive items whose raw size stays under ``limit`` (one item may exceed it)."""
+    group: list[WriteItem] = []
+    size = 0
+    for item in items:
+        n = _item_nbytes(item, source)
+        if group and size + n > limit:
+            yield group
+            group, size = [], 0
+        group.append(item)
+        size += n
+    if group:
+        yield group
+
+
+def _item_nbytes(item: WriteItem, source: _Source) -> int:
+    if item.type == WriteItemType.BYTE_IO:
+        return source.stored_size(item)
+    td = item.tensor_data
+    return math.prod(td.chunk.sizes) * element_size(td.properties.dtype)
+
+
+def _region(tensor: torch.Tensor, offsets: Sequence[int], sizes: Sequence[int]) -> torch.Tensor:
+    for dim, (o, n) in enumerate(zip(offsets, sizes)):
+        tensor = tensor.narrow(dim, int(o), int(n))
+    return tensor
+
+
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The logical bytes of a tensor, so comparison is bit-exact (NaNs, -0.0 included)."""
+    flat = tensor.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
+    return flat.view(torch.uint8) if flat.numel() else flat.to(torch.uint8)
+
+
+def _stored_bytes(dst: str, fmt: str, written: _Source) -> int:
+    if fmt != "dcp":
+        return os.path.getsize(dst)
+    return sum(int(info.length) for info in (written.metadata.storage_data or {}).values())
+
+
+def _safetensors() -> Any:
+    try:
+        import safetensors
+        import safetensors.torch  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError("reading or writing .safetensors files needs the 'safetensors' distribution (pip install safetensors)") from exc
+    return safetensors
+
+
+def _in_path(exc: DcpxError, path: str) -> DcpxError:
+    """The same error (type and attributes kept) with the checkpoint path in front."""
+    if str(exc).startswith(path):
+        return exc
+    named = copy.copy(exc)
+    named.args = (f"{path}: {exc}",)
+    return named
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
