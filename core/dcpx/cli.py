@@ -106,6 +106,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import ConvertVerificationError, convert, transform_from_spec
+    from .transform import transform_name
 
     transforms = [transform_from_spec(s) for arg in args.transform or () for s in arg.split(",") if s.strip()]
     bars: dict[str, tqdm] = {}
@@ -122,7 +123,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     finally:
         for bar in bars.values():
             bar.close()
-    chain = ", ".join(t.get_descriptor() for t in transforms) or "no transforms"
+    chain = ", ".join(transform_name(t) for t in transforms) or "no transforms"
     ratio = r.stored_bytes / r.raw_bytes if r.raw_bytes else 1.0
     print(f"converted {r.src} ({r.src_format}) -> {r.dst} ({r.dst_format}{', compat' if args.compat else ''}; {chain})")
     print(f"{r.items} items, {r.raw_bytes:,} raw bytes -> {r.stored_bytes:,} stored ({ratio:.3f}); "

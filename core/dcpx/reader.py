@@ -108,6 +108,9 @@ class FileSystemReader(StorageReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         rank = kwargs.get("rank")
+        if rank is not None and self.metadata_error is not None and os.path.lexists(os.path.join(self.path, commit.METADATA)):
+            # the global metadata exists but was refused: never fall back to a stale rank-local one
+            raise self.metadata_error
         name = commit.METADATA if rank is None else f"__{rank}{commit.METADATA}"
         try:
             metadata, data = load_metadata(self.path, name)
@@ -438,11 +441,7 @@ def load_metadata(directory: str, name: str = commit.METADATA) -> tuple[Metadata
     path = os.path.join(directory, name)
     where = f"{directory}/{name}"
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > MAX_METADATA_BYTES:
-                raise CheckpointFormatError(f"{where}: {size} bytes is larger than any plausible metadata")
-            data = f.read()
+        data = read_regular_file(path, MAX_METADATA_BYTES, where)
     except FileNotFoundError as exc:
         raise CheckpointFormatError(f"{directory}: not a checkpoint (no {name} file)") from exc
     metadata = safe_loads(data, where, plugin_safe_globals())
@@ -461,13 +460,31 @@ def load_manifest(directory: str, metadata: Metadata, metadata_bytes: bytes) -> 
         return None
     path = manifest.path_in(directory, save_id)
     try:
-        with open(path, "rb") as f:
-            data = read_bounded(f, manifest.MAX_MANIFEST_BYTES + 1)
+        data = read_regular_file(path, manifest.MAX_MANIFEST_BYTES, path)
     except FileNotFoundError:
         return None
     body = manifest.loads(data, path)
     manifest.verify(body, metadata_bytes, path)
     return body
+
+
+def read_regular_file(path: str, limit: int, where: str) -> bytes:
+    """Read a small file from the checkpoint: regular files only (a FIFO or device planted
+    there must not hang or flood the reader), at most ``limit`` bytes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise CheckpointFormatError(f"{where}: cannot open: {exc}") from exc
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise UnsafeCheckpointError(f"{where}: not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        if st.st_size > limit:
+            raise CheckpointFormatError(f"{where}: {st.st_size} bytes is more than the limit of {limit}")
+        return read_bounded(f, limit)
 
 
 def referenced_files(directory: str) -> set[str] | None:

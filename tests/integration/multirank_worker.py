@@ -1,0 +1,211 @@
+"""One rank of a multi-process DCP save/load through dcpx (run by test_multirank.py).
+
+Usage: ``python multirank_worker.py <scenario>=<checkpoint dir> ...`` with RANK, WORLD_SIZE,
+MASTER_ADDR and MASTER_PORT in the environment.  Scenarios run in order in one process group
+(starting processes is the slow part); after each one every rank prints ``OK <scenario>
+<rank>``.  On any difference a rank prints the traceback and exits at once, so its peers fail
+fast instead of waiting in a collective.  All data comes from fixed seeds, so every rank and
+the test agree on it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+import dcpx
+
+CHUNK = 256  # small, so shards span several chunks and resharding reads parts of chunks
+
+
+# -- deterministic data shared with the test ---------------------------------------------------------
+
+
+def replicated_state() -> dict[str, Any]:
+    g = torch.Generator().manual_seed(11)
+    return {
+        "emb": torch.randn(300, 17, generator=g),
+        "ids": torch.arange(5000, dtype=torch.int64),
+        "half": torch.randn(999, generator=g).bfloat16(),
+        "scalar": torch.tensor(0.25),
+        "cfg": {"epoch": 4, "name": "replicated", "lrs": [0.1, 0.01]},
+    }
+
+
+def full_tensors() -> dict[str, torch.Tensor]:
+    """The global tensors that the DTensor scenarios shard."""
+    g = torch.Generator().manual_seed(23)
+    return {
+        "w": torch.randn(16, 12, generator=g),
+        "b": torch.randn(10, generator=g),  # uneven over 4 ranks: 3, 3, 3, 1
+        "odd": torch.randint(-1000, 1000, (7, 5), generator=g, dtype=torch.int32),  # 2, 2, 2, 1
+        "bf": torch.randn(40, 3, generator=g).bfloat16(),
+    }
+
+
+def tiny_model() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+
+
+def train_step(model: torch.nn.Module, optim: torch.optim.Optimizer, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(32, 8, generator=g), torch.randn(32, 4, generator=g)
+    optim.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    optim.step()
+
+
+# -- helpers ----------------------------------------------------------------------------------------------
+
+
+def same(a: Any, b: Any, path: str = "") -> None:
+    """Bit-exact comparison of tensors (dtype, shape, bytes) inside containers."""
+    if isinstance(b, torch.Tensor):
+        assert isinstance(a, torch.Tensor), f"{path}: {type(a)} is not a tensor"
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{path}: {a.dtype}{tuple(a.shape)} != {b.dtype}{tuple(b.shape)}"
+        av, bv = a.detach().contiguous().reshape(-1), b.detach().contiguous().reshape(-1)
+        if av.numel():
+            assert torch.equal(av.view(torch.uint8), bv.view(torch.uint8)), f"{path}: bytes differ"
+    elif isinstance(b, dict):
+        assert isinstance(a, dict) and set(a) == set(b), f"{path}: keys {sorted(a)} != {sorted(b)}"
+        for k in b:
+            same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(b, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in b):
+        assert len(a) == len(b), f"{path}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def blank(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return torch.zeros_like(obj)
+    if isinstance(obj, dict):
+        return {k: blank(v) for k, v in obj.items()}
+    return None
+
+
+def writer(path: str) -> dcpx.FileSystemWriter:
+    return dcpx.FileSystemWriter(path, transforms=["zstd"], chunk_size=CHUNK, thread_count=2)
+
+
+def reader(path: str) -> dcpx.FileSystemReader:
+    return dcpx.FileSystemReader(path)
+
+
+# -- scenarios --------------------------------------------------------------------------------------------
+
+
+def replicated(path: str) -> None:
+    sd = replicated_state()
+    dcp.save(sd, storage_writer=writer(path))
+    dist.barrier()
+    dest = blank(sd)
+    dcp.load(dest, storage_reader=reader(path))
+    same(dest, replicated_state())
+    files = sorted(n for n in os.listdir(path) if n.endswith(".distcp"))
+    assert files, "no data files"
+
+
+def _dtensors(shard_dim: int = 0, zero: bool = False) -> dict[str, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    out: dict[str, Any] = {}
+    for name, full in full_tensors().items():
+        src = torch.zeros_like(full) if zero else full
+        dim = shard_dim if full.dim() > shard_dim else 0
+        out[name] = distribute_tensor(src, mesh, [Shard(dim)])
+    return out
+
+
+def dtensor_save(path: str) -> None:
+    sd: dict[str, Any] = {**_dtensors(), "step": 17}
+    dcp.save(sd, storage_writer=writer(path))
+
+
+def _check_dtensors(sd: dict[str, Any]) -> None:
+    world, rank = dist.get_world_size(), dist.get_rank()
+    for name, full in full_tensors().items():
+        got = sd[name]
+        same(got.full_tensor(), full, name)
+        dim = got.placements[0].dim
+        chunks = torch.chunk(full, world, dim=dim)  # DTensor's Shard() splits like torch.chunk
+        expected = chunks[rank] if rank < len(chunks) else full.narrow(dim, 0, 0)
+        same(got.to_local(), expected, f"{name} (local shard of rank {rank})")
+
+
+def dtensor_load(path: str) -> None:
+    for shard_dim in (0, 1):  # rows (contiguous ranges) and columns (strided regions)
+        sd: dict[str, Any] = {**_dtensors(shard_dim, zero=True), "step": None}
+        dcp.load(sd, storage_reader=reader(path))
+        assert sd["step"] == 17
+        _check_dtensors(sd)
+
+
+def model_optim(path: str) -> None:
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    torch.manual_seed(0)
+    model = tiny_model()
+    optim = torch.optim.Adam(model.parameters(), lr=1e-2)
+    train_step(model, optim, seed=1)
+    msd, osd = get_state_dict(model, optim)
+    dcp.save({"model": msd, "optim": osd}, storage_writer=writer(path))
+    dist.barrier()
+
+    torch.manual_seed(1234)  # a different initialisation that the load must overwrite
+    model2 = tiny_model()
+    optim2 = torch.optim.Adam(model2.parameters(), lr=1e-3)
+    msd2, osd2 = get_state_dict(model2, optim2)
+    state = {"model": msd2, "optim": osd2}
+    dcp.load(state, storage_reader=reader(path))
+    set_state_dict(model2, optim2, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    ref_m, ref_o = get_state_dict(model, optim)
+    got_m, got_o = get_state_dict(model2, optim2)
+    same(got_m, ref_m, "model")
+    same(got_o, ref_o, "optim")
+    assert optim2.param_groups[0]["lr"] == 1e-2
+    # training continues identically
+    train_step(model, optim, seed=2)
+    train_step(model2, optim2, seed=2)
+    same(dict(model2.state_dict()), dict(model.state_dict()), "after-step")
+
+
+SCENARIOS: dict[str, Callable[[str], None]] = {
+    "replicated": replicated,
+    "dtensor_save": dtensor_save,
+    "dtensor_load": dtensor_load,
+    "model_optim": model_optim,
+}
+
+
+def main() -> None:
+    jobs = [arg.split("=", 1) for arg in sys.argv[1:]]
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    rank = dist.get_rank()
+    for scenario, path in jobs:
+        try:
+            SCENARIOS[scenario](path)
+            dist.barrier()
+        except BaseException:
+            traceback.print_exc()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+        print(f"OK {scenario} {rank}", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

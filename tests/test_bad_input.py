@@ -1,0 +1,518 @@
+"""Hostile or damaged checkpoints: every failure is a dcpx error naming the item, never a hang,
+never code execution."""
+
+from __future__ import annotations
+
+import glob
+import os
+import pickle
+import shutil
+import signal
+import struct
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+
+import dcpx
+from checkpoint_helpers import rewrite_metadata, storage_items
+from dcpx import framing
+
+CHUNK = 4096
+
+
+class Gadget:
+    """Pickles to a call of ``os.mkdir(sentinel)``: proof of code execution if it ever runs."""
+
+    def __init__(self, sentinel: str) -> None:
+        self.sentinel = sentinel
+
+    def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        return (os.mkdir, (self.sentinel,))
+
+
+def _state() -> dict[str, Any]:
+    g = torch.Generator().manual_seed(3)
+    return {"model.w": torch.randn(40, 100, generator=g), "model.b": torch.arange(16.0), "extra": {"note": "hi"}}
+
+
+def _dest() -> dict[str, Any]:
+    return {"model.w": torch.zeros(40, 100), "model.b": torch.zeros(16), "extra": {"note": None}}
+
+
+@pytest.fixture(params=["framed", "raw"])
+def ckpt(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """A small checkpoint: "framed" = zstd in 4 KiB chunks, "raw" = no transforms."""
+    path = tmp_path / "ckpt"
+    transforms = ["zstd"] if request.param == "framed" else None
+    dcpx.save(_state(), path, transforms=transforms, chunk_size=CHUNK)
+    return path
+
+
+@pytest.fixture
+def framed(tmp_path: Path) -> Path:
+    path = tmp_path / "framed"
+    dcpx.save(_state(), path, transforms=["zstd"], chunk_size=CHUNK)
+    return path
+
+
+def _items(path: Path) -> dict[str, Any]:
+    return storage_items(dcpx.reader.load_metadata(str(path))[0])
+
+
+ANY_FQN = "<any fqn>"  # items share a data file; whichever is read first may report it
+FQNS = ("model.w", "model.b", "extra.note")
+
+
+def expect_refusal(path: Path, watchdog: dict[str, bool], error: type[BaseException], *needles: str,
+                   dest: dict[str, Any] | None = None, **load_kw: Any) -> BaseException:
+    """``dcpx.load`` must raise ``error`` (a dcpx error) whose message contains ``needles``."""
+    try:
+        dcpx.load(dest if dest is not None else _dest(), path, **load_kw)
+    except BaseException as exc:  # noqa: BLE001 - we classify it below
+        assert not watchdog["fired"], "load hung"
+        assert isinstance(exc, dcpx.DcpxError), f"expected a dcpx error, got {type(exc).__name__}: {exc}"
+        assert isinstance(exc, error), f"expected {error.__name__}, got {type(exc).__name__}: {exc}"
+        for needle in needles:
+            if needle == ANY_FQN:
+                assert any(f in str(exc) for f in FQNS), f"no item fqn in message: {exc}"
+            else:
+                assert needle in str(exc), f"{needle!r} not in message: {exc}"
+        return exc
+    pytest.fail("a damaged checkpoint loaded without an error")
+
+
+def expect_metadata_refusal(path: Path, error: type[BaseException], *needles: str, **reader_kw: Any) -> None:
+    """The reader itself refuses the checkpoint's metadata (``read_metadata``)."""
+    with pytest.raises(error) as info:
+        dcpx.FileSystemReader(path, **reader_kw).read_metadata()
+    for needle in needles:
+        assert needle in str(info.value)
+
+
+def load_fails(path: Path, watchdog: dict[str, bool]) -> None:
+    """Whatever the error type, ``dcpx.load`` of ``path`` fails (and does not hang)."""
+    with pytest.raises(BaseException) as info:
+        dcpx.load(_dest(), path)
+    assert not watchdog["fired"], "load hung"
+    assert not isinstance(info.value, (KeyboardInterrupt, SystemExit))
+
+
+def _set_info(fqn: str, **changes: Any) -> Callable[[Any], None]:
+    def edit(metadata: Any) -> None:
+        for index, info in metadata.storage_data.items():
+            if index.fqn == fqn:
+                for key, value in changes.items():
+                    setattr(info, key, value)
+    return edit
+
+
+# -- descriptors -------------------------------------------------------------------------------------------
+
+
+def test_unknown_descriptor_with_manifest_is_integrity_error(ckpt: Path, watchdog: dict[str, bool]) -> None:
+    """Editing ``.metadata`` breaks the hash recorded in the manifest."""
+    rewrite_metadata(ckpt, _set_info("model.w", transform_descriptors=["frame@dcpx/1", "stream.nope@nowhere/1"]),
+                     drop_manifest=False)
+    expect_metadata_refusal(ckpt, dcpx.IntegrityError, ".metadata", "manifest")
+    load_fails(ckpt, watchdog)
+
+
+def test_unknown_descriptor_without_manifest(ckpt: Path, watchdog: dict[str, bool], request: pytest.FixtureRequest) -> None:
+    framed = request.node.callspec.params["ckpt"] == "framed"
+    descriptors = ["frame@dcpx/1", "stream.nope@nowhere/1"] if framed else ["stream.nope@nowhere/1"]
+    rewrite_metadata(ckpt, _set_info("model.w", transform_descriptors=descriptors))
+    assert not glob.glob(str(ckpt / ".dcpx-manifest-*"))
+    file = _items(ckpt)["model.w"].relative_path
+    exc = expect_refusal(ckpt, watchdog, dcpx.UnknownTransformError, "model.w", file, "stream.nope@nowhere")
+    assert "install" in str(exc)
+
+
+def test_unknown_first_party_descriptor_names_distribution(framed: Path, watchdog: dict[str, bool]) -> None:
+    rewrite_metadata(framed, _set_info("model.b", transform_descriptors=["frame@dcpx/1", "stream.encrypt@dcpx/1"]))
+    expect_refusal(framed, watchdog, dcpx.UnknownTransformError, "model.b", "stream.encrypt@dcpx", "dcpx-encrypt")
+
+
+@pytest.mark.parametrize(
+    "descriptors, error",
+    [
+        (["frame@dcpx/1", "stream.zstd/01"], dcpx.DescriptorError),
+        (["frame@dcpx/1", "stream.zstd"], dcpx.DescriptorError),
+        (["frame@dcpx/1", "stream.zstd/2"], dcpx.DescriptorError),
+        (["frame@dcpx/1", "stream.xor@test/1;seed=abc"], dcpx.DescriptorError),
+        (["frame@dcpx/1", "stream.xor@test/1;seed=1;extra=2"], dcpx.DescriptorError),
+        (["frame@dcpx/1", "stream.xor@test/1;seed=%ZZ"], dcpx.DescriptorError),
+        (["frame@dcpx/1"], dcpx.CheckpointFormatError),
+        (["frame@dcpx/1", "stream.zstd/1", "stream.zstd/1"], dcpx.CheckpointFormatError),
+        (["raw@dcpx/1", "stream.zstd/1"], dcpx.CheckpointFormatError),
+        (["frame@dcpx/1", 7], dcpx.CheckpointFormatError),
+        (["stream.zstd/1", "frame@dcpx/1"], dcpx.DcpxError),
+    ],
+)
+def test_malformed_descriptors(toys: Any, framed: Path, watchdog: dict[str, bool], descriptors: list[Any],
+                               error: type[BaseException]) -> None:
+    rewrite_metadata(framed, _set_info("model.w", transform_descriptors=descriptors))
+    expect_refusal(framed, watchdog, error, "model.w")
+
+
+def test_require_policy(framed: Path, watchdog: dict[str, bool], tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    dcpx.save(_state(), raw)
+    expect_refusal(raw, watchdog, dcpx.PolicyError, ANY_FQN, "stream.zstd", require=["zstd"])
+    dcpx.load(_dest(), framed, require=["zstd"])
+
+
+def test_checkpoint_id_policy(framed: Path) -> None:
+    expect_metadata_refusal(framed, dcpx.PolicyError, "0" * 32, checkpoint_id="0" * 32)
+    save_id = dcpx.reader.load_metadata(str(framed))[0].storage_meta.save_id
+    dcpx.load(_dest(), framed, checkpoint_id=save_id)
+
+
+# -- files and paths ------------------------------------------------------------------------------------------
+
+
+def test_missing_data_file(ckpt: Path, watchdog: dict[str, bool]) -> None:
+    file = _items(ckpt)["model.w"].relative_path
+    os.remove(ckpt / file)
+    expect_refusal(ckpt, watchdog, dcpx.CheckpointFormatError, ANY_FQN, file, "missing")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999, 0.0])
+def test_truncated_data_file(ckpt: Path, watchdog: dict[str, bool], keep: float) -> None:
+    file = _items(ckpt)["model.w"].relative_path
+    size = os.path.getsize(ckpt / file)
+    os.truncate(ckpt / file, int(size * keep))
+    expect_refusal(ckpt, watchdog, dcpx.CheckpointFormatError, ANY_FQN, file)
+
+
+@pytest.mark.parametrize("name", ["../outside.distcp", "a/../../outside.distcp", "..\\outside.distcp",
+                                  "sub/../../outside.distcp", "ABSOLUTE", "with\x00nul.distcp", ""])
+def test_relative_path_escapes(ckpt: Path, watchdog: dict[str, bool], name: str) -> None:
+    file = _items(ckpt)["model.w"].relative_path
+    outside = ckpt.parent / "outside.distcp"
+    shutil.copy(ckpt / file, outside)
+    (ckpt / "sub").mkdir()
+    if name == "ABSOLUTE":
+        name = str(outside)
+    rewrite_metadata(ckpt, _set_info("model.w", relative_path=name))
+    expect_refusal(ckpt, watchdog, dcpx.UnsafeCheckpointError, "model.w")
+
+
+def test_non_string_relative_path(ckpt: Path, watchdog: dict[str, bool]) -> None:
+    rewrite_metadata(ckpt, _set_info("model.w", relative_path=12))
+    expect_refusal(ckpt, watchdog, dcpx.UnsafeCheckpointError, "model.w")
+
+
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_symlink_pointing_outside(ckpt: Path, watchdog: dict[str, bool], kind: str) -> None:
+    file = _items(ckpt)["model.w"].relative_path
+    outside = ckpt.parent / "elsewhere"
+    outside.mkdir()
+    shutil.move(str(ckpt / file), outside / file)
+    if kind == "file":
+        os.symlink(outside / file, ckpt / file)
+    else:
+        os.symlink(outside, ckpt / "linked")
+        shutil.copy(outside / file, ckpt / file)  # the other items stay readable
+        rewrite_metadata(ckpt, _set_info("model.w", relative_path=f"linked/{file}"))
+    expect_refusal(ckpt, watchdog, dcpx.UnsafeCheckpointError, ANY_FQN if kind == "file" else "model.w")
+
+
+def test_symlink_inside_is_fine(ckpt: Path) -> None:
+    items = _items(ckpt)
+    file = items["model.w"].relative_path
+    os.rename(ckpt / file, ckpt / "real.bin")
+    os.symlink("real.bin", ckpt / file)
+    dest = _dest()
+    dcpx.load(dest, ckpt)
+    assert torch.equal(dest["model.w"], _state()["model.w"])
+
+
+@pytest.mark.parametrize("target", [".", "sub"])
+def test_relative_path_is_a_directory(ckpt: Path, watchdog: dict[str, bool], target: str) -> None:
+    (ckpt / "sub").mkdir()
+    rewrite_metadata(ckpt, _set_info("model.b", relative_path=target, offset=0))
+    expect_refusal(ckpt, watchdog, dcpx.CheckpointFormatError, "model.b")
+
+
+def test_data_file_is_a_fifo(ckpt: Path, watchdog: dict[str, bool]) -> None:
+    """A named pipe in place of a data file must be refused, not block the reader forever."""
+    file = _items(ckpt)["model.b"].relative_path
+    os.remove(ckpt / file)
+    os.mkfifo(ckpt / file)
+    signal.alarm(5)  # re-arm the watchdog shorter: a blocked open() never returns by itself
+    expect_refusal(ckpt, watchdog, dcpx.CheckpointFormatError, ANY_FQN)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda info, size: {"offset": size + 10},
+        lambda info, size: {"length": size * 4},
+        lambda info, size: {"offset": size - 1},
+        lambda info, size: {"offset": -1},
+        lambda info, size: {"length": -5},
+        lambda info, size: {"offset": 2**62, "length": 2**62},
+        lambda info, size: {"offset": "0"},
+    ],
+    ids=["offset-past-end", "length-past-end", "straddles-end", "negative-offset", "negative-length", "huge",
+         "not-int"],
+)
+def test_offset_length_beyond_file(ckpt: Path, watchdog: dict[str, bool], change: Callable[..., dict[str, Any]]) -> None:
+    info = _items(ckpt)["model.w"]
+    size = os.path.getsize(ckpt / info.relative_path)
+    rewrite_metadata(ckpt, _set_info("model.w", **change(info, size)))
+    expect_refusal(ckpt, watchdog, dcpx.CheckpointFormatError, "model.w", info.relative_path)
+
+
+def test_length_shorter_than_tensor(ckpt: Path, watchdog: dict[str, bool]) -> None:
+    info = _items(ckpt)["model.w"]
+    rewrite_metadata(ckpt, _set_info("model.w", length=info.length - 8))
+    expect_refusal(ckpt, watchdog, dcpx.CheckpointFormatError, "model.w")
+
+
+def test_missing_storage_entry(ckpt: Path, watchdog: dict[str, bool]) -> None:
+    def drop(metadata: Any) -> None:
+        for index in [i for i in metadata.storage_data if i.fqn == "model.w"]:
+            del metadata.storage_data[index]
+    rewrite_metadata(ckpt, drop)
+    expect_refusal(ckpt, watchdog, dcpx.CheckpointFormatError, "model.w")
+
+
+# -- frames ---------------------------------------------------------------------------------------------------
+
+
+def _patch(path: Path, info: Any, pos: int, data: bytes) -> None:
+    """Overwrite bytes at item-relative ``pos`` (negative: from the item's end)."""
+    at = info.offset + (pos if pos >= 0 else info.length + pos)
+    with open(path / info.relative_path, "r+b") as f:
+        f.seek(at)
+        f.write(data)
+
+
+def _index_region(path: Path, info: Any) -> tuple[int, bytes]:
+    """Item-relative start of the frame index, and the index bytes."""
+    blob = (path / info.relative_path).read_bytes()[info.offset:info.offset + info.length]
+    index_len = framing.parse_footer(blob[-framing.FOOTER.size:], len(blob), "test")
+    start = len(blob) - framing.FOOTER.size - index_len
+    return start, blob[start:start + index_len]
+
+
+@pytest.mark.parametrize("what", ["magic", "index-length", "index-crc", "index-body", "whole-footer"])
+def test_corrupted_footer_or_index(framed: Path, watchdog: dict[str, bool], what: str) -> None:
+    info = _items(framed)["model.w"]
+    start, body = _index_region(framed, info)
+    if what == "magic":
+        _patch(framed, info, -framing.FOOTER.size, b"XXXXXXXX")
+    elif what == "index-length":
+        _patch(framed, info, -framing.FOOTER.size + 8, struct.pack("<Q", 2**40))
+    elif what == "index-crc":
+        _patch(framed, info, -framing.FOOTER.size + 16, b"\0\0\0\0")
+    elif what == "index-body":
+        _patch(framed, info, start + framing.HEADER.size, b"\xff")
+    else:
+        _patch(framed, info, -framing.FOOTER.size, os.urandom(framing.FOOTER.size))
+    expect_refusal(framed, watchdog, dcpx.CheckpointFormatError, "model.w", info.relative_path)
+
+
+def _current_index(path: Path, info: Any) -> framing.FrameIndex:
+    blob = (path / info.relative_path).read_bytes()[info.offset:info.offset + info.length]
+    footer = blob[-framing.FOOTER.size:]
+    _, body = _index_region(path, info)
+    return framing.parse_index(footer, body, len(blob), len(info.transform_descriptors) - 1, "test", None, 1 << 30)
+
+
+def _forge_index(path: Path, info: Any, edit: Callable[[dict[str, Any]], None]) -> None:
+    """Replace the item's index and footer by a well-formed (valid CRC) but lying one."""
+    index = _current_index(path, info)
+    fields = {"raw_size": index.raw_size, "chunk_size": index.chunk_size, "layers": index.layers,
+              "layer_sizes": [list(s) for s in index.layer_sizes]}
+    edit(fields)
+    forged = framing.FrameIndex(fields["raw_size"], fields["chunk_size"], fields["layers"],
+                                tuple(tuple(s) for s in fields["layer_sizes"])).encode()
+    _patch(path, info, -len(forged), forged)
+
+
+def _set(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda f: f.__setitem__(key, value(f[key]) if callable(value) else value)
+
+
+def _sizes(edit: Callable[[list[list[int]]], Any]) -> Callable[[dict[str, Any]], None]:
+    return lambda f: edit(f["layer_sizes"])
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        _set("raw_size", lambda v: v + 4),  # raw size disagrees with metadata
+        _set("chunk_size", 1),  # chunk size inconsistent with the chunk count
+        _set("chunk_size", 0),
+        lambda f: (f.__setitem__("layers", 2), [s.append(s[0]) for s in f["layer_sizes"]]),  # != descriptors
+        _sizes(lambda s: s[0].__setitem__(0, s[0][0] + 1)),  # chunk sizes do not add up
+        _sizes(lambda s: (s[0].__setitem__(0, s[0][0] + 1000), s[1].__setitem__(0, s[1][0] - 1000))),
+        _sizes(lambda s: s[0].__setitem__(0, 2**50)),  # implausible size
+        _sizes(lambda s: s.pop()),  # a chunk missing from the table
+    ],
+    ids=["raw-size", "chunk-size", "zero-chunk", "layers", "sum", "shifted", "huge", "missing-chunk"],
+)
+def test_forged_index(framed: Path, watchdog: dict[str, bool], edit: Callable[[dict[str, Any]], None]) -> None:
+    info = _items(framed)["model.w"]
+    _forge_index(framed, info, edit)
+    expect_refusal(framed, watchdog, dcpx.DcpxError, "model.w")
+
+
+def test_garbled_chunk_payload(framed: Path, watchdog: dict[str, bool]) -> None:
+    info = _items(framed)["model.w"]
+    _patch(framed, info, 0, b"\0" * 16)  # destroys the first zstd frame's header
+    expect_refusal(framed, watchdog, dcpx.DcpxError, "model.w")
+
+
+# -- code execution -------------------------------------------------------------------------------------------
+
+
+def test_metadata_reduce_gadget(ckpt: Path, tmp_path: Path, watchdog: dict[str, bool]) -> None:
+    sentinel = tmp_path / "pwned-metadata"
+    (ckpt / ".metadata").write_bytes(pickle.dumps(Gadget(str(sentinel))))
+    expect_metadata_refusal(ckpt, dcpx.UnsafeCheckpointError, ".metadata", "mkdir")
+    assert not sentinel.exists()
+    load_fails(ckpt, watchdog)
+    assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("where", ["planner_data", "storage_info", "descriptor"])
+def test_gadget_nested_in_valid_metadata(ckpt: Path, tmp_path: Path, watchdog: dict[str, bool], where: str) -> None:
+    sentinel = tmp_path / f"pwned-{where}"
+
+    def edit(metadata: Any) -> None:
+        if where == "planner_data":
+            metadata.planner_data = {"x": Gadget(str(sentinel))}
+        elif where == "storage_info":
+            _set_info("model.w", offset=Gadget(str(sentinel)))(metadata)
+        else:
+            _set_info("model.w", transform_descriptors=["frame@dcpx/1", Gadget(str(sentinel))])(metadata)
+
+    rewrite_metadata(ckpt, edit)  # plain pickle only *writes* here; the gadget is not run
+    assert not sentinel.exists()
+    expect_metadata_refusal(ckpt, dcpx.UnsafeCheckpointError, ".metadata")
+    load_fails(ckpt, watchdog)
+    assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("data", [b"", b"\x80\x05", b"not a pickle at all", pickle.dumps({"a": 1}),
+                                  pickle.dumps([1, 2, 3])], ids=["empty", "truncated", "text", "dict", "list"])
+def test_garbage_metadata(ckpt: Path, watchdog: dict[str, bool], data: bytes) -> None:
+    (ckpt / ".metadata").write_bytes(data)
+    expect_metadata_refusal(ckpt, dcpx.CheckpointFormatError, ".metadata")
+    load_fails(ckpt, watchdog)
+
+
+def test_missing_metadata(ckpt: Path, watchdog: dict[str, bool]) -> None:
+    os.remove(ckpt / ".metadata")
+    expect_metadata_refusal(ckpt, dcpx.CheckpointFormatError, "not a checkpoint")
+    load_fails(ckpt, watchdog)
+
+
+def test_garbage_manifest(ckpt: Path, watchdog: dict[str, bool]) -> None:
+    (manifest,) = glob.glob(str(ckpt / ".dcpx-manifest-*.json"))
+    Path(manifest).write_bytes(b"{not json")
+    expect_metadata_refusal(ckpt, dcpx.CheckpointFormatError, "manifest")
+    load_fails(ckpt, watchdog)
+
+
+METADATA_DAMAGE = {
+    "gadget": (lambda d, tmp: (d / ".metadata").write_bytes(pickle.dumps(Gadget(str(tmp / "pwned")))),
+               dcpx.UnsafeCheckpointError, {}),
+    "garbage": (lambda d, tmp: (d / ".metadata").write_bytes(b"not a pickle"), dcpx.CheckpointFormatError, {}),
+    "missing": (lambda d, tmp: os.remove(d / ".metadata"), dcpx.CheckpointFormatError, {}),
+    "manifest-mismatch": (lambda d, tmp: rewrite_metadata(d, _set_info("model.w", offset=0), drop_manifest=False),
+                          dcpx.IntegrityError, {}),
+    "checkpoint-id": (lambda d, tmp: None, dcpx.PolicyError, {"checkpoint_id": "0" * 32}),
+}
+
+
+@pytest.mark.parametrize("damage", list(METADATA_DAMAGE))
+def test_metadata_errors_surface_through_dcpx_load(framed: Path, tmp_path: Path, watchdog: dict[str, bool],
+                                                   damage: str) -> None:
+    """``dcpx.load`` promises dcpx errors, also when the *metadata* is what is refused.
+
+    torch's ``dcp.load`` catches the reader's ``read_metadata`` error, retries with the
+    rank-local ``__0.metadata`` and then raises a bare ``AssertionError`` carrying only the
+    text, so ``unwrap_errors`` finds no dcpx error to re-raise."""
+    make, error, kw = METADATA_DAMAGE[damage]
+    make(framed, tmp_path)
+    expect_refusal(framed, watchdog, error, **kw)
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("transforms", [None, ["zstd"]], ids=["plain", "zstd"])
+def test_non_tensor_entry_with_gadget(tmp_path: Path, watchdog: dict[str, bool], transforms: Any) -> None:
+    sentinel = tmp_path / "pwned-bytes"
+    path = tmp_path / "ckpt"
+    dcpx.save({"w": torch.ones(3), "evil": Gadget(str(sentinel))}, path, transforms=transforms)
+    assert not sentinel.exists()
+    dest = {"w": torch.zeros(3), "evil": None}
+    expect_refusal(path, watchdog, dcpx.UnsafeCheckpointError, "evil", dest=dest)
+    assert not sentinel.exists()
+    # the same protection is available to dcp.load callers
+    with pytest.raises(CheckpointException) as info:
+        dcp.load({"w": torch.zeros(3), "evil": None}, storage_reader=dcpx.FileSystemReader(path),
+                 planner=dcpx.SafeLoadPlanner())
+    assert any(isinstance(f[0] if isinstance(f, tuple) else f, dcpx.UnsafeCheckpointError)
+               for f in info.value.failures.values())
+    assert not sentinel.exists()
+
+
+def test_non_tensor_entry_with_plain_values_loads(tmp_path: Path) -> None:
+    sd = {"cfg": {"lr": 0.1, "betas": (0.9, 0.99), "name": "x", "flags": [True, None], "t": torch.ones(2)}}
+    dcpx.save(sd, tmp_path)
+    dest = {"cfg": {"lr": None, "betas": None, "name": None, "flags": None, "t": torch.zeros(2)}}
+    dcpx.load(dest, tmp_path)
+    assert dest["cfg"]["betas"] == (0.9, 0.99) and dest["cfg"]["flags"] == [True, None]
+    assert torch.equal(dest["cfg"]["t"], torch.ones(2))
+
+
+# -- special files where metadata should be --------------------------------------------------------------
+
+
+def _replace_with(path: Path, kind: str) -> None:
+    os.remove(path)
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dir"])
+def test_metadata_is_not_a_regular_file(framed: Path, watchdog: dict[str, bool], kind: str) -> None:
+    """A planted FIFO must not block the reader (nor a device such as /dev/zero feed it forever)."""
+    _replace_with(framed / ".metadata", kind)
+    signal.alarm(5)
+    expect_refusal(framed, watchdog, dcpx.CheckpointFormatError, f"{framed}/.metadata")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dir"])
+def test_manifest_is_not_a_regular_file(framed: Path, watchdog: dict[str, bool], kind: str) -> None:
+    (manifest,) = glob.glob(str(framed / ".dcpx-manifest-*.json"))
+    _replace_with(Path(manifest), kind)
+    signal.alarm(5)
+    expect_refusal(framed, watchdog, dcpx.CheckpointFormatError, "manifest")
+
+
+def test_damaged_metadata_does_not_fall_back_to_rank_local_metadata(framed: Path, watchdog: dict[str, bool]) -> None:
+    """torch retries a failed ``.metadata`` read with ``__<rank>.metadata``; a leftover of an
+    earlier no-collectives save must not be loaded silently in place of the damaged checkpoint."""
+    other = {"model.w": torch.full((40, 100), 2.0), "model.b": torch.full((16,), 2.0), "extra": {"note": "other"}}
+    dcp.save(other, storage_writer=dcpx.FileSystemWriter(framed), use_collectives=False)
+    assert (framed / "__0.metadata").exists()
+    dest = _dest()
+    dcpx.load(dest, framed)  # intact: the committed checkpoint, not the rank-local one
+    assert torch.equal(dest["model.b"], torch.arange(16.0))
+    (framed / ".metadata").write_bytes(b"\x80\x05garbage")
+    expect_refusal(framed, watchdog, dcpx.CheckpointFormatError, ".metadata")
+
+
+def test_missing_checkpoint_directory(tmp_path: Path, watchdog: dict[str, bool]) -> None:
+    expect_refusal(tmp_path / "nothing-here", watchdog, dcpx.CheckpointFormatError, "nothing-here")

@@ -1,0 +1,215 @@
+"""Interoperability with stock torch DCP in both directions, and the SAFETENSORS format."""
+
+from __future__ import annotations
+
+import copy
+import os
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._extension import ZStandard
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import SerializationFormat
+
+import dcpx
+from checkpoint_helpers import assert_same, blank, data_files, storage_items
+from toy_transforms import BitFlip
+
+safetensors = pytest.importorskip("safetensors")
+import safetensors.torch  # noqa: E402
+
+
+def state() -> dict[str, Any]:
+    g = torch.Generator().manual_seed(7)
+    return {
+        "w": torch.randn(40, 30, generator=g),
+        "h": torch.randn(500, generator=g).half(),
+        "bf": torch.randn(64, generator=g).bfloat16(),
+        "i": torch.arange(1000, dtype=torch.int64),
+        "b": torch.rand(77, generator=g) > 0.3,
+        "f8": torch.randn(128, generator=g).to(torch.float8_e4m3fn),
+        "c": torch.complex(torch.randn(5, generator=g), torch.randn(5, generator=g)),
+        "scalar": torch.tensor(1.5),
+        "empty": torch.empty(0, 4),
+        "t": torch.randn(8, 6, generator=g).t(),
+        "nested": {"x": torch.ones(3, dtype=torch.int16), "step": 10, "name": "n"},
+        "lst": [1, 2, "three"],
+    }
+
+
+@pytest.mark.parametrize("thread_count", [1, 4])
+@pytest.mark.parametrize("single_file_per_rank", [True, False])
+@pytest.mark.parametrize("zstd", [False, True], ids=["plain", "zstd"])
+@pytest.mark.parametrize("via", ["dcp", "dcpx"])
+def test_dcpx_reads_stock_checkpoints(tmp_path: Path, thread_count: int, single_file_per_rank: bool, zstd: bool,
+                                      via: str) -> None:
+    sd = state()
+    expected = copy.deepcopy(sd)
+    writer = dcp.FileSystemWriter(
+        tmp_path, single_file_per_rank=single_file_per_rank, thread_count=thread_count,
+        serialization_format=SerializationFormat.TORCH_SAVE, _extensions=[ZStandard()] if zstd else None,
+    )
+    dcp.save(sd, storage_writer=writer)
+    items = storage_items(dcpx.reader.load_metadata(str(tmp_path))[0])
+    assert items["w"].transform_descriptors == (["stream.zstd/1"] if zstd else None)
+    dest = blank(sd)
+    if via == "dcp":
+        dcp.load(dest, storage_reader=dcpx.FileSystemReader(tmp_path))
+    else:
+        dcpx.load(dest, tmp_path)
+    assert_same(dest, expected)
+
+
+def test_dcpx_reads_stock_chain_in_stock_order(fresh_host: Any, tmp_path: Path) -> None:
+    """Stock torch records a chain innermost first; dcpx must undo it outermost first."""
+    mod = types.ModuleType("flip_for_interop")
+
+    @dcpx.hookimpl
+    def dcpx_register_transforms(register: Any) -> None:
+        register(BitFlip)
+
+    mod.dcpx_register_transforms = dcpx_register_transforms  # type: ignore[attr-defined]
+    dcpx.register_plugin(mod, name="flip-for-interop")
+    sd = state()
+    expected = copy.deepcopy(sd)
+    dcp.save(sd, storage_writer=dcp.FileSystemWriter(tmp_path, _extensions=[ZStandard(), BitFlip()]))
+    items = storage_items(dcpx.reader.load_metadata(str(tmp_path))[0])
+    assert items["w"].transform_descriptors == ["stream.bitflip@user/1", "stream.zstd/1"]
+    dest = blank(sd)
+    dcpx.load(dest, tmp_path)
+    assert_same(dest, expected)
+
+
+COMPAT = {
+    "compat": dict(compat=True),
+    "compat-zstd": dict(compat=True, transforms=["zstd"]),
+    "compat-ZStandard": dict(compat=True, transforms=[ZStandard()]),
+    "compat-extensions": dict(compat=True, _extensions=[ZStandard()]),
+    "explicit-torch-save": dict(serialization_format=SerializationFormat.TORCH_SAVE, transforms=["zstd"]),
+}
+
+
+@pytest.mark.parametrize("thread_count", [1, 3])
+@pytest.mark.parametrize("single_file_per_rank", [True, False])
+@pytest.mark.parametrize("mode", list(COMPAT))
+def test_stock_reads_dcpx_compat(tmp_path: Path, mode: str, single_file_per_rank: bool, thread_count: int) -> None:
+    sd = state()
+    expected = copy.deepcopy(sd)
+    dcp.save(sd, storage_writer=dcpx.FileSystemWriter(
+        tmp_path, single_file_per_rank=single_file_per_rank, thread_count=thread_count, **COMPAT[mode]))
+    dest = blank(sd)
+    dcp.load(dest, storage_reader=dcp.FileSystemReader(tmp_path))
+    assert_same(dest, expected)
+    # and dcpx reads its own compat output
+    dest = blank(sd)
+    dcpx.load(dest, tmp_path)
+    assert_same(dest, expected)
+    items = storage_items(dcpx.reader.load_metadata(str(tmp_path))[0])
+    zstd = "transforms" in COMPAT[mode] or "_extensions" in COMPAT[mode]
+    assert items["w"].transform_descriptors == (["stream.zstd/1"] if zstd else None)
+
+
+def test_compat_refuses_what_stock_cannot_read(toys: Any, tmp_path: Path) -> None:
+    with pytest.raises(dcpx.ConfigError):
+        dcpx.FileSystemWriter(tmp_path, compat=True, transforms=["xor"])
+    with pytest.raises(dcpx.ConfigError):
+        dcpx.FileSystemWriter(tmp_path, compat=True, transforms=["zstd", "rev"])
+
+
+@pytest.mark.parametrize("transforms", [None, ["zstd"]], ids=["raw", "zstd"])
+def test_stock_reader_refuses_default_dcpx_output(tmp_path: Path, transforms: list[str] | None) -> None:
+    sd = {"w": torch.randn(10, 10), "n": 3}
+    dcpx.save(sd, tmp_path, transforms=transforms)
+    dest = {"w": torch.zeros(10, 10), "n": None}
+    with pytest.raises(CheckpointException) as info:
+        dcp.load(dest, storage_reader=dcp.FileSystemReader(tmp_path))
+    assert "frame@dcpx" in str(info.value) or "raw@dcpx" in str(info.value)
+    assert torch.equal(dest["w"], torch.zeros(10, 10))
+
+
+# -- SAFETENSORS ------------------------------------------------------------------------------------------
+
+
+def _tensor_leaves(sd: dict[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if isinstance(v, torch.Tensor):
+            out[prefix + k] = v
+        elif isinstance(v, dict):
+            out.update(_tensor_leaves(v, f"{prefix}{k}."))
+    return out
+
+
+@pytest.mark.parametrize("thread_count", [1, 2])
+@pytest.mark.parametrize("single_file_per_rank", [True, False])
+def test_safetensors_files_are_valid(tmp_path: Path, single_file_per_rank: bool, thread_count: int) -> None:
+    sd = state()
+    expected = copy.deepcopy(sd)
+    dcpx.save(sd, tmp_path, serialization_format=SerializationFormat.SAFETENSORS,
+              single_file_per_rank=single_file_per_rank, thread_count=thread_count)
+    metadata = dcpx.reader.load_metadata(str(tmp_path))[0]
+    items = storage_items(metadata)
+    tensors = _tensor_leaves(expected)
+    tensor_files = {items[fqn].relative_path for fqn in tensors}
+    found: dict[str, torch.Tensor] = {}
+    for name in sorted(tensor_files):
+        loaded = safetensors.torch.load_file(str(tmp_path / name))
+        with safetensors.safe_open(str(tmp_path / name), framework="pt") as f:
+            assert set(f.keys()) == set(loaded)
+            assert f.metadata() is not None
+        for key, value in loaded.items():
+            assert key not in found
+            found[key] = value
+    assert set(found) == set(tensors)
+    for fqn, t in tensors.items():
+        assert_same(found[fqn], t.contiguous(), fqn)
+        # metadata points straight at the tensor bytes inside the safetensors payload
+        info = items[fqn]
+        assert info.length == t.numel() * t.element_size()
+    dest = blank(sd)
+    dcpx.load(dest, tmp_path)
+    assert_same(dest, expected)
+    dest = blank(sd)
+    dcp.load(dest, storage_reader=dcpx.FileSystemReader(tmp_path))
+    assert_same(dest, expected)
+
+
+@pytest.mark.parametrize("spec", [["zstd"], [ZStandard()], "rules"])
+def test_safetensors_with_transforms_is_config_error(tmp_path: Path, spec: Any) -> None:
+    transforms = [dcpx.Rule(["zstd"], match="w*")] if spec == "rules" else spec
+    with pytest.raises(dcpx.ConfigError, match="(?i)safetensors"):
+        dcpx.FileSystemWriter(tmp_path, serialization_format=SerializationFormat.SAFETENSORS, transforms=transforms)
+    with pytest.raises(dcpx.ConfigError):
+        dcpx.save({"w": torch.ones(2)}, tmp_path, serialization_format=SerializationFormat.SAFETENSORS,
+                  transforms=transforms)
+    assert not data_files(tmp_path) if os.path.isdir(tmp_path) else True
+
+
+def test_alternating_stock_and_dcpx_saves_in_one_directory(tmp_path: Path) -> None:
+    """Each save replaces the previous one completely, whichever library wrote either."""
+    def check(value: float) -> None:
+        dest = {"a": torch.zeros(3)}
+        dcpx.load(dest, tmp_path)
+        assert torch.equal(dest["a"], torch.full((3,), value))
+
+    dcp.save({"a": torch.full((3,), 1.0), "x": torch.ones(5)},
+             storage_writer=dcp.FileSystemWriter(tmp_path, single_file_per_rank=False))
+    check(1.0)
+    dcpx.save({"a": torch.full((3,), 2.0)}, tmp_path, transforms=["zstd"])
+    check(2.0)
+    names = set(os.listdir(tmp_path)) - {".dcpx.lock"}
+    metadata = dcpx.reader.load_metadata(str(tmp_path))[0]
+    referenced = {info.relative_path for info in metadata.storage_data.values()}
+    assert {n for n in names if n.endswith(".distcp")} == referenced  # the stock files are gone
+    dcp.save({"a": torch.full((3,), 3.0)}, storage_writer=dcp.FileSystemWriter(tmp_path))
+    check(3.0)
+    dcpx.save({"a": torch.full((3,), 4.0)}, tmp_path)
+    check(4.0)
+    names = set(os.listdir(tmp_path)) - {".dcpx.lock"}
+    metadata = dcpx.reader.load_metadata(str(tmp_path))[0]
+    referenced = {info.relative_path for info in metadata.storage_data.values()}
+    assert names == referenced | {".metadata", f".dcpx-manifest-{metadata.storage_meta.save_id}.json"}
