@@ -2,6 +2,9 @@
 
 __version__ = "0.1.0"
 
+import sys as _sys
+import types as _types
+
 from .errors import (
     CheckpointFormatError,
     CommitError,
@@ -16,22 +19,59 @@ from .errors import (
 )
 from .hookspecs import hookimpl, hookspec
 from .descriptor import Descriptor, format_descriptor, parse as parse_descriptor
-from .plugins import host as plugin_host
-from .transform import ChunkInfo, ItemInfo, Transform
-from .rules import Rule
-from .writer import FileSystemWriter
-from .reader import FileSystemReader
-from .api import SafeLoadPlanner, load, save
+
+# Everything below needs torch; it is imported on first use so that light users (the
+# pytest plugin entry point, descriptor parsing) do not pay for importing torch.
+_LAZY = {
+    "plugin_host": ("plugins", "host"),
+    "ChunkInfo": ("transform", "ChunkInfo"),
+    "ItemInfo": ("transform", "ItemInfo"),
+    "Transform": ("transform", "Transform"),
+    "Rule": ("rules", "Rule"),
+    "FileSystemWriter": ("writer", "FileSystemWriter"),
+    "FileSystemReader": ("reader", "FileSystemReader"),
+    "SafeLoadPlanner": ("api", "SafeLoadPlanner"),
+    "load": ("api", "load"),
+    "save": ("api", "save"),
+}
 
 
-def transform(name: str, **params: object) -> Transform:
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dcpx' has no attribute {name!r}")
+
+
+def transform(name: str, **params: object) -> "Transform":
     """Build a registered transform for a save, e.g. ``dcpx.transform("zstd", level=3)``."""
-    return plugin_host().create(name, **params)
+    from .plugins import host
+
+    return host().create(name, **params)
 
 
 def register_plugin(plugin: object, name: str | None = None) -> None:
     """Register a plugin object in this process (same hooks as an installed distribution)."""
-    plugin_host().register(plugin, name)
+    from .plugins import host
+
+    host().register(plugin, name)
+
+
+class _Package(_types.ModuleType):
+    """Keeps ``dcpx.transform`` the function: importing the submodule ``dcpx.transform``
+    (lazily, after this file ran) would otherwise rebind the package attribute to it."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "transform" and isinstance(value, _types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package
 
 
 __all__ = [

@@ -255,7 +255,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
             buffer = data.getbuffer() if isinstance(data, io.BytesIO) else memoryview(bytes(data))
             raw, keep, info = memoryview(buffer).cast("B"), buffer, ItemInfo(item.index.fqn, buffer.nbytes, checkpoint_id=checkpoint_id)
         else:
-            keep = tensor = _cpu_tensor(data)
+            keep = tensor = _cpu_tensor(data, minimal_storage=self.compat)
             raw = tensor_bytes(tensor)
             info = ItemInfo(
                 item.index.fqn, raw.nbytes, tensor.dtype, tuple(tensor.shape),
@@ -428,12 +428,16 @@ def _item_nbytes(item: WriteItem) -> int:
     return n * torch.empty((), dtype=td.properties.dtype).element_size()
 
 
-def _cpu_tensor(data: Any) -> torch.Tensor:
+def _cpu_tensor(data: Any, minimal_storage: bool = False) -> torch.Tensor:
+    """A contiguous CPU tensor with the data's values.  Raw writes need only contiguity;
+    ``torch.save`` (compat mode) writes the whole storage, so it gets a minimal one."""
     tensor = data.detach().resolve_conj().resolve_neg()
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
-    if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != tensor.nbytes:
-        tensor = tensor.contiguous() if not tensor.is_contiguous() else tensor.clone()
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+    if minimal_storage and tensor.untyped_storage().nbytes() != tensor.nbytes:
+        tensor = tensor.clone()
     return tensor
 
 

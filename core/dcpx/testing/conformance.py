@@ -382,7 +382,7 @@ class TransformConformance:
             assert dcpx.plugin_host().lookup(cls.name).cls is cls, "the process-wide plugin host resolves another class"
 
 
-# -- helpers (module level, so subclasses do not collect them) --------------------------------------
+# -- utilities (module level, so subclasses do not collect them) --------------------------------------
 def _variant_params(cls: type) -> tuple[list[Any], list[str]]:
     factory = variants = None
     for klass in cls.__mro__:  # the most derived setting wins
