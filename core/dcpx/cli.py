@@ -143,7 +143,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dcpx", description="Inspect and verify dcpx / DCP checkpoints.")
+    parser = argparse.ArgumentParser(prog="dcpx", description="Inspect, verify and convert dcpx and stock DCP checkpoints; manage plugins and keys.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plugins", help="list installed plugins and transforms")
     p.add_argument("--json", action="store_true")

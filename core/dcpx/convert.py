@@ -56,7 +56,7 @@ from .tensor_bytes import element_size
 from .transform import Transform
 from .writer import FileSystemWriter
 
-DEFAULT_GROUP_BYTES = 256 << 20
+DEFAULT_GROUP_BYTES = 64 << 20
 PT_SUFFIXES = (".pt", ".pth")
 SAFETENSORS_SUFFIX = ".safetensors"
 
@@ -125,11 +125,12 @@ def convert(
         writer = FileSystemWriter(dst, transforms=transforms, compat=compat, chunk_size=chunk_size,
                                   workers=workers, overwrite=overwrite)
         _write_dcp(source, writer, group_bytes, progress, report.raw_bytes)
-        configured = [t for t in (*(reader_transforms or ()), *(transforms or ())) if not isinstance(t, str)]
-        written: _Source = DcpSource(dst, configured, workers)
     else:
         _write_single_file(source, dst, dst_format, group_bytes, progress, report.raw_bytes)
-        written = open_source(dst, None, workers)
+    try:
+        written = open_source(dst, _reader_config(reader_transforms, transforms), workers)
+    except DcpxError as exc:
+        raise ConvertVerificationError(f"{dst}: written, but cannot be opened again: {exc}") from exc
     report.stored_bytes = _stored_bytes(dst, dst_format, written)
     if verify:
         compare(source, written, group_bytes // 2 or 1, progress, report.raw_bytes)
@@ -218,13 +219,14 @@ class DcpSource(_Source):
     def read(self, items: Sequence[WriteItem]) -> dict[MetadataIndex, torch.Tensor | _Blob]:
         requests = [_read_request(item) for item in items]
         sink = _Capture(self.metadata)
+        out: dict[MetadataIndex, torch.Tensor | _Blob] = {}
         try:
             self.reader.read_data(LoadPlan(requests), sink).wait()  # type: ignore[arg-type]
+            out.update(sink.tensors)
+            for index, data in sink.blobs.items():
+                out[index] = _Blob(data, safe_value(index.fqn, data))
         except DcpxError as exc:
             raise _in_path(exc, self.path) from exc
-        out: dict[MetadataIndex, torch.Tensor | _Blob] = dict(sink.tensors)
-        for index, data in sink.blobs.items():
-            out[index] = _Blob(data, safe_value(index.fqn, data))
         return out
 
     def stored_size(self, item: WriteItem) -> int:
@@ -255,7 +257,7 @@ def _items_from_metadata(path: str, metadata: Metadata) -> list[WriteItem]:
             seen.add((index.fqn, ()))
         else:
             raise CheckpointFormatError(f"{where}: has stored data but no entry in state_dict_metadata")
-        stored.append((str(info.relative_path), int(info.offset or 0), item))
+        stored.append((str(info.relative_path), info.offset if isinstance(info.offset, int) else 0, item))
     for fqn, md in metadata.state_dict_metadata.items():
         chunks = [tuple(c.offsets) for c in md.chunks] if isinstance(md, TensorStorageMetadata) else [()]
         for offsets in chunks:
@@ -303,7 +305,10 @@ class TorchSaveSource(_Source):
         obj = load_torch_file(path)
         if not isinstance(obj, Mapping):
             raise CheckpointFormatError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-        flat, mappings = flatten_state_dict(dict(obj))
+        try:
+            flat, mappings = flatten_state_dict(dict(obj))
+        except ValueError as exc:  # e.g. {"a.b": x, "a": {"b": y}} flatten to the same key
+            raise CheckpointFormatError(f"{path}: cannot be flattened into DCP keys: {exc}") from exc
         self.values = flat
         self.metadata, self.items = _plan_for_flat(
             {k: (v.dtype, tuple(v.shape)) if isinstance(v, torch.Tensor) else None for k, v in flat.items()}, mappings
@@ -336,9 +341,7 @@ def load_torch_file(path: str) -> Any:
     except Exception as exc:
         text = str(exc)
         if "Weights only load failed" in text:
-            detail = text.partition("WeightsUnpickler error:")[2].partition("Check the documentation")[0]
-            reason = " ".join(detail.split()).split(". ")[0] or "it holds objects other than tensors and plain values"
-            raise UnsafeCheckpointError(f"{path}: refused by torch.load(weights_only=True): {reason}") from exc
+            raise UnsafeCheckpointError(f"{path}: refused by torch.load(weights_only=True): {_weights_only_reason(text)}") from exc
         raise CheckpointFormatError(f"{path}: not a readable torch.save file ({type(exc).__name__}: {_first_line(text)})") from exc
 
 
@@ -400,7 +403,7 @@ def safe_value(fqn: str, data: bytes) -> Any:
         return torch.load(io.BytesIO(data), weights_only=True)
     except Exception as exc:
         raise UnsafeCheckpointError(
-            f"{fqn}: non-tensor entry refused by the safe loader ({type(exc).__name__}: {_first_line(str(exc))}); "
+            f"{fqn}: non-tensor entry refused by the safe loader ({_weights_only_reason(str(exc))}); "
             f"only tensors, containers and primitive values are allowed"
         ) from exc
 
@@ -640,6 +643,18 @@ def _check_paths(src: str, dst: str, dst_format: str, overwrite: bool) -> None:
             raise ConfigError(f"{dst}: directory {parent} does not exist")
 
 
+def _reader_config(reader_transforms: Sequence[Any] | None, transforms: Sequence[Any] | None) -> list[Any]:
+    """Transform instances the caller configured (e.g. with keys), to read DST back with.
+    Names are left out: the reader builds those from the registry, as any reader would."""
+    from .rules import Rule
+
+    out = [t for t in reader_transforms or () if not isinstance(t, str)]
+    for spec in transforms or ():
+        specs = spec.transforms if isinstance(spec, Rule) else [spec]
+        out.extend(t for t in specs if not isinstance(t, str))
+    return out
+
+
 def _groups(source: _Source, items: Sequence[WriteItem], limit: int) -> Iterator[list[WriteItem]]:
     """Consecutive items whose raw size stays under ``limit`` (one item may exceed it)."""
     group: list[WriteItem] = []
@@ -696,6 +711,13 @@ def _in_path(exc: DcpxError, path: str) -> DcpxError:
     named = copy.copy(exc)
     named.args = (f"{path}: {exc}",)
     return named
+
+
+def _weights_only_reason(text: str) -> str:
+    """The one informative sentence of torch's multi-paragraph weights_only error."""
+    detail = text.partition("WeightsUnpickler error:")[2].partition("Check the documentation")[0]
+    reason = " ".join(detail.split()).split(". ")[0]
+    return reason or _first_line(text) or "it holds objects other than tensors and plain values"
 
 
 def _first_line(text: str) -> str:

@@ -242,7 +242,11 @@ class PluginHost:
         try:
             return TorchStreamTransform(reg.cls.from_descriptor(version))
         except ValueError as exc:
-            raise DescriptorError(f"{reg.name} ({reg.source}) rejected descriptor {text!r}: {exc}") from exc
+            hint = ""
+            if reg.source == TORCH and reg.name in KNOWN_DISTRIBUTIONS:
+                dist = KNOWN_DISTRIBUTIONS[reg.name]
+                hint = f"; this form needs the {dist!r} distribution (pip install {dist})"
+            raise DescriptorError(f"{reg.name} ({reg.source}) rejected descriptor {text!r}: {exc}{hint}") from exc
 
 
 def as_transform(obj: Any) -> Transform:

@@ -268,7 +268,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         elif not chain.transforms or (info.is_tensor and raw.nbytes == 0):
             # an empty tensor has no bytes to transform, and DCP never issues a read for it
             state.descriptors = [RAW_DESCRIPTOR] if item.type != WriteItemType.BYTE_IO else None
-            yield (lambda: raw, 0, state.write_whole)
+            yield (lambda: raw, raw.nbytes, state.write_whole)  # cost bounds staged GPU->CPU copies
         else:
             state.chain = chain
             for k, offset, size in iter_chunks(raw.nbytes, self.chunk_size):

@@ -1,0 +1,141 @@
+"""``dcpx.convert.convert`` in-process: sharded items, groups, cleanup, file formats."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+
+import dcpx
+from checkpoint_helpers import assert_same, blank, data_files
+from cli_helpers import installed, tensors_only, training_state
+from dcpx.convert import ConvertVerificationError, convert, open_source, transform_from_spec
+
+
+def write_sharded(path: Path) -> torch.Tensor:
+    """A stock checkpoint whose tensor is stored as two row shards (as two ranks write it),
+    made by driving torch's own ``FileSystemWriter`` through the StorageWriter protocol."""
+    full = torch.arange(6 * 1024, dtype=torch.float32).reshape(6, 1024)
+    props = TensorProperties(dtype=torch.float32)
+    chunks = [ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([2, 1024])),
+              ChunkStorageMetadata(torch.Size([2, 0]), torch.Size([4, 1024]))]
+    items = [WriteItem(MetadataIndex("w", c.offsets, i), WriteItemType.SHARD, tensor_data=TensorWriteData(c, props, full.shape))
+             for i, c in enumerate(chunks)]
+    items.append(WriteItem(MetadataIndex("step"), WriteItemType.BYTE_IO))
+    step = io.BytesIO()
+    torch.save(9, step)
+    data = {items[0].index: full[:2].clone(), items[1].index: full[2:].clone(), items[2].index: step}
+
+    class Planner:
+        def resolve_data(self, item: WriteItem) -> Any:
+            return data[item.index]
+
+    writer = dcp.FileSystemWriter(path)
+    writer.set_up_storage_writer(True)
+    (plan,) = writer.prepare_global_plan([writer.prepare_local_plan(SavePlan(items))])
+    results = writer.write_data(plan, Planner()).value()
+    writer.finish(Metadata({"w": TensorStorageMetadata(props, full.shape, chunks), "step": BytesStorageMetadata()}), [results])
+    return full
+
+
+def test_sharded_items_keep_their_chunks_across_groups(tmp_path: Path) -> None:
+    full = write_sharded(tmp_path / "sharded")
+    seen: list[tuple[str, int, int]] = []
+    report = convert(tmp_path / "sharded", tmp_path / "out", transforms=["zstd"], group_bytes=1,
+                     progress=lambda stage, done, total: seen.append((stage, done, total)))
+    assert report.verified and report.items == 3
+    src = open_source(str(tmp_path / "sharded"))
+    out = open_source(str(tmp_path / "out"))
+    assert out.metadata.state_dict_metadata == src.metadata.state_dict_metadata
+    assert set(out.metadata.storage_data) == set(src.metadata.storage_data)  # same MetadataIndex offsets
+    assert len(data_files(tmp_path / "out")) == 3  # one group per item under a 1-byte bound
+    assert {s for s, _, _ in seen} == {"convert", "verify"}
+    assert seen[-1][1] == seen[-1][2] == report.raw_bytes
+    convert(tmp_path / "out", tmp_path / "whole.pt")
+    assert_same(torch.load(tmp_path / "whole.pt", weights_only=True), {"w": full, "step": 9})
+
+
+def test_failure_midway_leaves_nothing(tmp_path: Path) -> None:
+    dcp.save(tensors_only(), storage_writer=dcp.FileSystemWriter(tmp_path / "src"))
+    (name,) = data_files(tmp_path / "src")
+    os.truncate(tmp_path / "src" / name, (tmp_path / "src" / name).stat().st_size - 64)  # the last item is cut
+    with pytest.raises(dcpx.CheckpointFormatError, match="truncated"):
+        convert(tmp_path / "src", tmp_path / "dst", group_bytes=1)
+    assert not (tmp_path / "dst").exists()
+
+
+def test_overwrite_replaces_a_checkpoint(tmp_path: Path) -> None:
+    dcp.save(tensors_only(1), storage_writer=dcp.FileSystemWriter(tmp_path / "a"))
+    dcp.save(tensors_only(2), storage_writer=dcp.FileSystemWriter(tmp_path / "b"))
+    convert(tmp_path / "a", tmp_path / "dst")
+    with pytest.raises(dcpx.ConfigError, match="already exists"):
+        convert(tmp_path / "b", tmp_path / "dst")
+    old_files = set(data_files(tmp_path / "dst"))
+    convert(tmp_path / "b", tmp_path / "dst", overwrite=True)
+    assert not old_files & set(data_files(tmp_path / "dst"))
+    state = blank(tensors_only(2))
+    dcpx.load(state, tmp_path / "dst")
+    assert_same(state, tensors_only(2))
+
+
+class Custom:
+    pass
+
+
+def test_unsafe_torch_file_is_refused(tmp_path: Path) -> None:
+    torch.save({"w": torch.ones(2), "obj": Custom()}, tmp_path / "evil.pt")
+    with pytest.raises(dcpx.UnsafeCheckpointError, match=r"evil\.pt.*weights_only=True.*Custom"):
+        convert(tmp_path / "evil.pt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not installed("safetensors"), reason="safetensors is not installed")
+def test_safetensors_holds_tensors_only(tmp_path: Path) -> None:
+    dcp.save(training_state(), storage_writer=dcp.FileSystemWriter(tmp_path / "src"))
+    with pytest.raises(dcpx.ConfigError, match="'optim.lr'.*tensors only"):
+        convert(tmp_path / "src", tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_transforms_only_for_dcp_destinations(tmp_path: Path) -> None:
+    dcp.save(tensors_only(), storage_writer=dcp.FileSystemWriter(tmp_path / "src"))
+    with pytest.raises(dcpx.ConfigError, match="DCP checkpoints only"):
+        convert(tmp_path / "src", tmp_path / "out.pt", transforms=["zstd"])
+
+
+def test_transform_spec_options(toys: Any) -> None:
+    assert transform_from_spec("xor:seed=7").get_descriptor() == "stream.xor@test/1;seed=7"
+    with pytest.raises(dcpx.ConfigError, match="key=value"):
+        transform_from_spec("xor:7")
+
+
+def test_verification_compares_values(tmp_path: Path) -> None:
+    """A destination that decodes to other values than the source is reported."""
+    from dcpx.convert import compare
+
+    dcp.save(tensors_only(1), storage_writer=dcp.FileSystemWriter(tmp_path / "a"))
+    dcp.save(tensors_only(2), storage_writer=dcp.FileSystemWriter(tmp_path / "b"))
+    with pytest.raises(ConvertVerificationError, match="layer.0.weight.*differ"):
+        compare(open_source(str(tmp_path / "a")), open_source(str(tmp_path / "b")), 1 << 20)
+
+
+def test_unsafe_non_tensor_entry_is_refused(tmp_path: Path) -> None:
+    """A DCP entry that only a full unpickler could load is refused, not copied along."""
+    dcp.save({"w": torch.ones(3), "obj": Custom()}, storage_writer=dcp.FileSystemWriter(tmp_path / "src"))
+    with pytest.raises(dcpx.UnsafeCheckpointError, match=r"src: obj: non-tensor entry refused.*Custom"):
+        convert(tmp_path / "src", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
