@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 PLUGINS := $(sort $(wildcard plugins/dcpx-*))
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench fuzz lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# A long fuzzing run of every parser a reader feeds with checkpoint bytes.
+fuzz: install
+	DCPX_FUZZ_ITERATIONS=$${DCPX_FUZZ_ITERATIONS:-50000} $(BIN)/python -m pytest -q tests/test_fuzz.py
 
 bench: install
 	$(BIN)/python benchmarks/run.py

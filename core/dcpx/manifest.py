@@ -89,7 +89,7 @@ def loads(data: bytes, where: str) -> dict[str, Any]:
 def verify(manifest: dict[str, Any], metadata_bytes: bytes, where: str, hmac_key: bytes | None = None) -> None:
     """Check that the manifest belongs to these metadata bytes (and, with a key, its HMAC)."""
     actual = hashlib.sha256(metadata_bytes).hexdigest()
-    if not hmac.compare_digest(actual, str(manifest["metadata_sha256"])):
+    if not hmac.compare_digest(actual.encode(), str(manifest["metadata_sha256"]).encode("utf-8", "replace")):
         raise IntegrityError(
             f"{where}: .metadata SHA-256 {actual} does not match the manifest's {manifest['metadata_sha256']}; "
             "the metadata was modified or belongs to another save"
@@ -98,7 +98,7 @@ def verify(manifest: dict[str, Any], metadata_bytes: bytes, where: str, hmac_key
         tag = manifest.get("hmac_sha256")
         body = {k: v for k, v in manifest.items() if k != "hmac_sha256"}
         expected = hmac.new(hmac_key, _canonical(body), hashlib.sha256).hexdigest()
-        if not isinstance(tag, str) or not hmac.compare_digest(tag, expected):
+        if not isinstance(tag, str) or not hmac.compare_digest(tag.encode("utf-8", "replace"), expected.encode()):
             raise IntegrityError(
                 f"{where}: manifest HMAC does not verify with key {manifest.get('hmac_key', {}).get('key_id')!r}: "
                 "the key is wrong, or the manifest or .metadata was modified"

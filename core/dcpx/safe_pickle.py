@@ -49,7 +49,9 @@ _ALLOWED: set[tuple[str, str]] = {
 _TORCH_ATTRS = (torch.dtype, torch.layout, torch.memory_format)
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+# The pure-Python unpickler keeps its memo in a dict: the C one sizes an array from the
+# memo index in the stream, so a forged index allocates gigabytes before anything fails.
+class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     def __init__(self, file: io.BufferedIOBase, where: str, extra: set[tuple[str, str]]) -> None:
         super().__init__(file)
         self._where = where
