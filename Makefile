@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 PLUGINS := $(sort $(wildcard plugins/dcpx-*))
 
-.PHONY: install demo test bench fuzz lint clean
+.PHONY: install demo test bench fuzz docs lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,7 @@ demo: install
 	$(BIN)/python -m dcpx.demo
 
 test: install
+	$(BIN)/python -m mkdocs build --strict --quiet
 	$(BIN)/python -m pytest -q
 
 # A long fuzzing run of every parser a reader feeds with checkpoint bytes.
@@ -28,6 +29,9 @@ fuzz: install
 
 bench: install
 	$(BIN)/python benchmarks/run.py
+
+docs: install
+	$(BIN)/python -m mkdocs build --strict
 
 lint: install
 	$(BIN)/python -m compileall -q core plugins tests benchmarks
