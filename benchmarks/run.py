@@ -187,6 +187,9 @@ def configs() -> list[tuple[str, Callable[[Path], Any], Callable[[Path], Any]]]:
     ]
     if {"stream.encrypt@dcpx", "stream.checksum@dcpx"} <= installed:
         os.environ.setdefault("DCPX_ENCRYPT_KEY", __import__("base64").b64encode(os.urandom(32)).decode())
+        out.append(("dcpx zstd+encrypt",
+                    lambda p: dcpx.FileSystemWriter(p, transforms=["zstd", "encrypt"]),
+                    lambda p: dcpx.FileSystemReader(p)))
         out.append(("dcpx zstd+encrypt+checksum",
                     lambda p: dcpx.FileSystemWriter(p, transforms=["zstd", "encrypt", "checksum"]),
                     lambda p: dcpx.FileSystemReader(p)))
@@ -240,6 +243,12 @@ def write_report(out: Path, state: dict, nbytes: int, limits: dict[str, float], 
             f"{stock_z.save_s / r.save_s:.2f} / {stock_z.load_warm_s / r.load_warm_s:.2f} | "
             f"{r.rss_extra / nbytes:.3f} | {r.disk / nbytes:.3f} |"
         )
+    lines.append("")
+    for name, base_name in (("dcpx zstd+encrypt", "dcpx zstd"), ("dcpx zstd+encrypt+checksum", "dcpx zstd+encrypt"),
+                            ("dcpx zstd+encrypt+checksum", "dcpx zstd")):
+        if name in base and base_name in base:
+            a, b = base[name], base[base_name]
+            lines.append(f"{name} vs {base_name}: save {b.save_s / a.save_s:.2f}×, load {b.load_warm_s / a.load_warm_s:.2f}×  ")
     dcpx_raw = base["dcpx"]
     lines += [
         "",
