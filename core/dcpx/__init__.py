@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 import sys as _sys
 import types as _types
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from .errors import (
     CheckpointFormatError,
@@ -19,6 +20,9 @@ from .errors import (
 )
 from .hookspecs import hookimpl, hookspec
 from .descriptor import Descriptor, format_descriptor, parse as parse_descriptor
+
+if _TYPE_CHECKING:
+    from .transform import Transform
 
 # Everything below needs torch; it is imported on first use so that light users (the
 # pytest plugin entry point, descriptor parsing) do not pay for importing torch.

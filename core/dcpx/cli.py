@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from typing import Any
 
 from tqdm import tqdm
 

@@ -15,7 +15,6 @@ libraries, so those hold the whole state dict in memory.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import io
 import math
@@ -27,38 +26,27 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
-from torch.distributed.checkpoint._nested_dict import flatten_state_dict, unflatten_state_dict
-from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
-    ChunkStorageMetadata,
-    Metadata,
-    MetadataIndex,
-    TensorProperties,
-    TensorStorageMetadata,
-)
-from torch.distributed.checkpoint.planner import (
-    LoadItemType,
-    LoadPlan,
-    ReadItem,
-    SavePlan,
-    TensorWriteData,
-    WriteItem,
-    WriteItemType,
-)
+from torch.distributed.checkpoint._nested_dict import unflatten_state_dict
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
+from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
 
 from . import commit
-from .errors import CheckpointFormatError, ConfigError, DcpxError, IntegrityError, UnsafeCheckpointError
+from .errors import CheckpointFormatError, ConfigError, DcpxError, IntegrityError
 from .pipeline import DEFAULT_CHUNK_SIZE
-from .reader import FileSystemReader
-from .safetensors_io import _DTYPES as _SAFETENSORS_DTYPES
 from .tensor_bytes import element_size
 from .transform import Transform
 from .writer import FileSystemWriter
+from .convert_sources import (
+    PT_SUFFIXES,
+    SAFETENSORS_SUFFIX,
+    _Blob,
+    _Source,
+    open_source,
+    DcpSource,
+    _safetensors,
+)
 
 DEFAULT_GROUP_BYTES = 64 << 20
-PT_SUFFIXES = (".pt", ".pth")
-SAFETENSORS_SUFFIX = ".safetensors"
 
 #: ``progress(stage, done_bytes, total_bytes)``; stage is "convert" or "verify".
 Progress = Callable[[str, int, int], None]
@@ -79,14 +67,6 @@ class ConvertReport:
     stored_bytes: int
     verified: bool
     seconds: float
-
-
-@dataclass
-class _Blob:
-    """A non-tensor item: its ``torch.save`` payload and the value it holds."""
-
-    data: bytes
-    value: Any
 
 
 # -- public entry point ------------------------------------------------------------------
@@ -171,244 +151,6 @@ def _option_value(text: str) -> Any:
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
-# -- sources -----------------------------------------------------------------------------
-class _Source:
-    """A checkpoint seen as DCP metadata plus items that can be read a group at a time."""
-
-    format: str
-    path: str
-    metadata: Metadata
-    items: list[WriteItem]
-
-    def read(self, items: Sequence[WriteItem]) -> dict[MetadataIndex, torch.Tensor | _Blob]:
-        raise NotImplementedError
-
-    def stored_size(self, item: WriteItem) -> int:
-        return 0
-
-
-def open_source(path: str, reader_transforms: Sequence[Any] | None = None, workers: int | None = None) -> _Source:
-    """Recognise ``path`` as a DCP directory, a ``torch.save`` file or a safetensors file."""
-    if os.path.isdir(path):
-        return DcpSource(path, reader_transforms, workers)
-    if not os.path.exists(path):
-        raise CheckpointFormatError(f"{path}: no such file or directory")
-    if path.lower().endswith(SAFETENSORS_SUFFIX):
-        return SafetensorsSource(path)
-    if path.lower().endswith(PT_SUFFIXES):
-        return TorchSaveSource(path)
-    raise CheckpointFormatError(
-        f"{path}: not a checkpoint (expected a DCP checkpoint directory, a .pt/.pth torch.save file "
-        f"or a .safetensors file)"
-    )
-
-
-class DcpSource(_Source):
-    """A DCP checkpoint directory read through the dcpx reader (dcpx or stock torch)."""
-
-    format = "dcp"
-
-    def __init__(self, path: str, reader_transforms: Sequence[Any] | None, workers: int | None) -> None:
-        self.path = path
-        self.reader = FileSystemReader(path, transforms=reader_transforms, workers=workers)
-        metadata = self.reader.read_metadata()
-        self.reader.set_up_storage_reader(metadata, True)
-        self.metadata = metadata
-        self.items = _items_from_metadata(path, metadata)
-
-    def read(self, items: Sequence[WriteItem]) -> dict[MetadataIndex, torch.Tensor | _Blob]:
-        requests = [_read_request(item) for item in items]
-        sink = _Capture(self.metadata)
-        out: dict[MetadataIndex, torch.Tensor | _Blob] = {}
-        try:
-            self.reader.read_data(LoadPlan(requests), sink).wait()  # type: ignore[arg-type]
-            out.update(sink.tensors)
-            for index, data in sink.blobs.items():
-                out[index] = _Blob(data, safe_value(index.fqn, data))
-        except DcpxError as exc:
-            raise _in_path(exc, self.path) from exc
-        return out
-
-    def stored_size(self, item: WriteItem) -> int:
-        info = self.metadata.storage_data[item.index]
-        return int(info.length)
-
-
-def _items_from_metadata(path: str, metadata: Metadata) -> list[WriteItem]:
-    """One write item per stored chunk, in file order, keeping the source's indexes."""
-    stored: list[tuple[str, int, WriteItem]] = []
-    seen: set[tuple[str, tuple[int, ...]]] = set()
-    for index, info in (metadata.storage_data or {}).items():
-        if not isinstance(index, MetadataIndex) or not isinstance(info, _StorageInfo):
-            raise CheckpointFormatError(f"{path}/.metadata: malformed storage entry {index!r}")
-        md = metadata.state_dict_metadata.get(index.fqn)
-        where = f"{path}: item {index.fqn!r}"
-        if isinstance(md, TensorStorageMetadata):
-            offsets = tuple(int(o) for o in index.offset or ())
-            chunk = next((c for c in md.chunks if tuple(c.offsets) == offsets), None)
-            if chunk is None:
-                raise CheckpointFormatError(f"{where}: metadata has no chunk at offsets {offsets}")
-            whole = len(md.chunks) == 1 and tuple(chunk.sizes) == tuple(md.size)
-            item = WriteItem(index, WriteItemType.TENSOR if whole else WriteItemType.SHARD,
-                             tensor_data=TensorWriteData(chunk, md.properties, md.size))
-            seen.add((index.fqn, offsets))
-        elif isinstance(md, BytesStorageMetadata):
-            item = WriteItem(index, WriteItemType.BYTE_IO)
-            seen.add((index.fqn, ()))
-        else:
-            raise CheckpointFormatError(f"{where}: has stored data but no entry in state_dict_metadata")
-        stored.append((str(info.relative_path), info.offset if isinstance(info.offset, int) else 0, item))
-    for fqn, md in metadata.state_dict_metadata.items():
-        chunks = [tuple(c.offsets) for c in md.chunks] if isinstance(md, TensorStorageMetadata) else [()]
-        for offsets in chunks:
-            if (fqn, tuple(int(o) for o in offsets)) not in seen:
-                raise CheckpointFormatError(f"{path}: item {fqn!r} (offsets {offsets}) has no stored data")
-    stored.sort(key=lambda t: (t[0], t[1]))
-    return [item for _, _, item in stored]
-
-
-def _read_request(item: WriteItem) -> ReadItem:
-    if item.type == WriteItemType.BYTE_IO:
-        zero = torch.Size([0])
-        return ReadItem(LoadItemType.BYTE_IO, item.index, zero, item.index, zero, zero)
-    sizes = item.tensor_data.chunk.sizes
-    zeros = torch.Size([0] * len(sizes))
-    return ReadItem(LoadItemType.TENSOR, item.index, zeros, item.index, zeros, torch.Size(sizes))
-
-
-class _Capture:
-    """The part of a ``LoadPlanner`` the dcpx reader calls: fresh tensors in, results kept."""
-
-    def __init__(self, metadata: Metadata) -> None:
-        self.metadata = metadata
-        self.tensors: dict[MetadataIndex, torch.Tensor] = {}
-        self.blobs: dict[MetadataIndex, bytes] = {}
-
-    def resolve_tensor(self, req: ReadItem) -> torch.Tensor:
-        md = self.metadata.state_dict_metadata[req.storage_index.fqn]
-        return torch.empty(tuple(req.lengths), dtype=md.properties.dtype)
-
-    def commit_tensor(self, req: ReadItem, tensor: torch.Tensor) -> None:
-        self.tensors[req.storage_index] = tensor
-
-    def load_bytes(self, req: ReadItem, value: io.BytesIO) -> None:
-        self.blobs[req.storage_index] = value.getvalue()
-
-
-class TorchSaveSource(_Source):
-    """A ``torch.save`` file, loaded with ``weights_only=True`` and memory-mapped where possible."""
-
-    format = "pt"
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        obj = load_torch_file(path)
-        if not isinstance(obj, Mapping):
-            raise CheckpointFormatError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-        try:
-            flat, mappings = flatten_state_dict(dict(obj))
-        except ValueError as exc:  # e.g. {"a.b": x, "a": {"b": y}} flatten to the same key
-            raise CheckpointFormatError(f"{path}: cannot be flattened into DCP keys: {exc}") from exc
-        self.values = flat
-        self.metadata, self.items = _plan_for_flat(
-            {k: (v.dtype, tuple(v.shape)) if isinstance(v, torch.Tensor) else None for k, v in flat.items()}, mappings
-        )
-
-    def read(self, items: Sequence[WriteItem]) -> dict[MetadataIndex, torch.Tensor | _Blob]:
-        out: dict[MetadataIndex, torch.Tensor | _Blob] = {}
-        for item in items:
-            value = self.values[item.index.fqn]
-            if item.type == WriteItemType.BYTE_IO:
-                buffer = io.BytesIO()
-                torch.save(value, buffer)
-                out[item.index] = _Blob(buffer.getvalue(), value)
-            else:
-                out[item.index] = value.detach()
-        return out
-
-
-def load_torch_file(path: str) -> Any:
-    """``torch.load(weights_only=True)``, memory-mapped when the file allows; errors name the path."""
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap can only be used" not in str(exc):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise
-    except Exception as exc:
-        text = str(exc)
-        if "Weights only load failed" in text:
-            raise UnsafeCheckpointError(f"{path}: refused by torch.load(weights_only=True): {_weights_only_reason(text)}") from exc
-        raise CheckpointFormatError(f"{path}: not a readable torch.save file ({type(exc).__name__}: {_first_line(text)})") from exc
-
-
-class SafetensorsSource(_Source):
-    """A safetensors file, read one tensor at a time through the safetensors library."""
-
-    format = "safetensors"
-
-    def __init__(self, path: str) -> None:
-        safe_open = _safetensors().safe_open
-        self.path = path
-        try:
-            self.file = safe_open(path, framework="pt", device="cpu")
-            dtypes = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
-            entries: dict[str, tuple[torch.dtype, tuple[int, ...]] | None] = {}
-            for key in self.file.keys():
-                piece = self.file.get_slice(key)
-                code = piece.get_dtype()
-                if code not in dtypes:
-                    raise CheckpointFormatError(f"{path}: tensor {key!r} has unsupported dtype {code}")
-                entries[key] = (dtypes[code], tuple(int(s) for s in piece.get_shape()))
-        except DcpxError:
-            raise
-        except Exception as exc:
-            raise CheckpointFormatError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {_first_line(str(exc))})") from exc
-        self.metadata, self.items = _plan_for_flat(entries, {k: (k,) for k in entries})
-
-    def read(self, items: Sequence[WriteItem]) -> dict[MetadataIndex, torch.Tensor | _Blob]:
-        try:
-            return {item.index: self.file.get_tensor(item.index.fqn) for item in items}
-        except Exception as exc:
-            raise CheckpointFormatError(f"{self.path}: cannot read tensor ({type(exc).__name__}: {_first_line(str(exc))})") from exc
-
-
-def _plan_for_flat(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]] | None], mappings: Any) -> tuple[Metadata, list[WriteItem]]:
-    """Metadata and write items for a flat state dict, as DCP's default planner makes them.
-    ``entries`` maps each key to (dtype, shape) for a tensor, None for any other value."""
-    md: dict[str, Any] = {}
-    items: list[WriteItem] = []
-    for fqn, entry in entries.items():
-        if entry is None:
-            md[fqn] = BytesStorageMetadata()
-            items.append(WriteItem(MetadataIndex(fqn), WriteItemType.BYTE_IO))
-            continue
-        dtype, shape = entry
-        size = torch.Size(shape)
-        offsets = torch.Size([0] * len(shape))
-        chunk = ChunkStorageMetadata(offsets=offsets, sizes=size)
-        properties = TensorProperties(dtype=dtype)
-        md[fqn] = TensorStorageMetadata(properties=properties, size=size, chunks=[chunk])
-        items.append(WriteItem(MetadataIndex(fqn, offsets, 0), WriteItemType.TENSOR,
-                               tensor_data=TensorWriteData(chunk, properties, size)))
-    return Metadata(md, planner_data=dict(mappings)), items
-
-
-def safe_value(fqn: str, data: bytes) -> Any:
-    """A non-tensor entry, loaded as ``dcpx.SafeLoadPlanner`` loads it (``weights_only=True``)."""
-    try:
-        return torch.load(io.BytesIO(data), weights_only=True)
-    except Exception as exc:
-        raise UnsafeCheckpointError(
-            f"{fqn}: non-tensor entry refused by the safe loader ({_weights_only_reason(str(exc))}); "
-            f"only tensors, containers and primitive values are allowed"
-        ) from exc
-
-
-# -- writing -----------------------------------------------------------------------------
 class _GroupPlanner:
     """The part of a ``SavePlanner`` the dcpx writer calls: the data of the current group."""
 
@@ -693,32 +435,3 @@ def _stored_bytes(dst: str, fmt: str, written: _Source) -> int:
     if fmt != "dcp":
         return os.path.getsize(dst)
     return sum(int(info.length) for info in (written.metadata.storage_data or {}).values())
-
-
-def _safetensors() -> Any:
-    try:
-        import safetensors
-        import safetensors.torch  # noqa: F401
-    except ImportError as exc:
-        raise ConfigError("reading or writing .safetensors files needs the 'safetensors' distribution (pip install safetensors)") from exc
-    return safetensors
-
-
-def _in_path(exc: DcpxError, path: str) -> DcpxError:
-    """The same error (type and attributes kept) with the checkpoint path in front."""
-    if str(exc).startswith(path):
-        return exc
-    named = copy.copy(exc)
-    named.args = (f"{path}: {exc}",)
-    return named
-
-
-def _weights_only_reason(text: str) -> str:
-    """The one informative sentence of torch's multi-paragraph weights_only error."""
-    detail = text.partition("WeightsUnpickler error:")[2].partition("Check the documentation")[0]
-    reason = " ".join(detail.split()).split(". ")[0]
-    return reason or _first_line(text) or "it holds objects other than tensors and plain values"
-
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else ""

@@ -7,7 +7,6 @@ Run with ``python -m dcpx.demo [DIR]`` (``make demo`` does this on a fresh clone
 from __future__ import annotations
 
 import base64
-import json
 import os
 import sys
 import tempfile

@@ -8,8 +8,6 @@ import os
 import pickle
 import threading
 import uuid
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
