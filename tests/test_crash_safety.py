@@ -145,7 +145,7 @@ def test_concurrent_save_is_refused(committed):
 
 
 def _assert_no_leftovers(path) -> None:
-    from dcpx.reader import referenced_files
+    from dcpx.checkpoint_files import referenced_files
 
     keep = referenced_files(str(path))
     assert keep is not None

@@ -67,7 +67,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from .verify import verify_checkpoint
-    from .reader import load_metadata
+    from .checkpoint_files import load_metadata
 
     metadata, _ = load_metadata(args.path)
     total = len(metadata.storage_data or {})

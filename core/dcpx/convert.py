@@ -195,7 +195,7 @@ def _write_dcp(source: _Source, writer: FileSystemWriter, group_bytes: int, prog
 def _committed(path: str, results: list[Any]) -> bool:
     """Whether ``.metadata`` at ``path`` already names the files just written (a failure
     after the commit point must not delete a committed checkpoint's data)."""
-    from .reader import referenced_files
+    from .checkpoint_files import referenced_files
 
     mine = {r.storage_data.relative_path for r in results}
     keep = referenced_files(path)

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _sizes(path: str) -> tuple[int, int, int]:
-    from dcpx.reader import load_manifest, load_metadata
+    from dcpx.checkpoint_files import load_manifest, load_metadata
 
     metadata, data = load_metadata(path, METADATA)
     manifest = load_manifest(path, metadata, data) or {"items": []}

@@ -8,7 +8,7 @@ from typing import Any
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from .reader import load_manifest, load_metadata
+from .checkpoint_files import load_manifest, load_metadata
 from .tensor_bytes import element_size
 
 

@@ -21,7 +21,9 @@ from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
 from .errors import DcpxError
 from .framing import FRAME_DESCRIPTOR, RAW_DESCRIPTOR
 from .pipeline import decode_chunk, default_workers
-from .reader import FileSystemReader, _OpenFile, load_manifest, load_metadata
+from .checkpoint_files import load_manifest, load_metadata
+from .read_job import OpenFile
+from .reader import FileSystemReader
 from .transform import ChunkInfo
 
 
@@ -47,7 +49,7 @@ def verify_checkpoint(
     load_manifest(path, metadata, data)
     reader = FileSystemReader(path, transforms=transforms, workers=workers)
     reader.set_up_storage_reader(metadata, True)
-    files: dict[str, _OpenFile] = {}
+    files: dict[str, OpenFile] = {}
     results: list[ItemCheck] = []
     try:
         with ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="dcpx-verify") as pool:
@@ -79,13 +81,13 @@ def _requests(metadata: Any) -> Iterator[tuple[MetadataIndex, ReadItem]]:
 _files_lock = threading.Lock()
 
 
-def _check(reader: FileSystemReader, files: dict[str, _OpenFile], index: MetadataIndex, req: ReadItem) -> ItemCheck:
+def _check(reader: FileSystemReader, files: dict[str, OpenFile], index: MetadataIndex, req: ReadItem) -> ItemCheck:
     info = reader.storage_data[index]
     offsets = tuple(index.offset) if index.offset is not None else None
     base = dict(fqn=index.fqn, shard_offsets=offsets, file=str(info.relative_path), stored_bytes=int(info.length or 0))
     try:
         with _files_lock:
-            job = reader._prepare(req, files)
+            job = reader.prepare(req, files)
         if job.descriptors == [RAW_DESCRIPTOR] and job.length == 0:
             return ItemCheck(status="ok", detail="empty tensor: no bytes stored", **base)
         if not job.descriptors or job.descriptors[0] != FRAME_DESCRIPTOR:

@@ -321,7 +321,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         if prefix is None:
             self._lock = commit.SaveLock(self.path)
             self._lock.acquire()
-            from .reader import referenced_files
+            from .checkpoint_files import referenced_files
 
             keep = referenced_files(self.path)
             if keep is not None:

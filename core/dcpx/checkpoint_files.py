@@ -1,0 +1,103 @@
+"""The small files of a checkpoint directory, read as untrusted input.
+
+``.metadata`` goes through the restricted unpickler, the manifest through a strict JSON
+check bound to the metadata bytes, and every file must be a regular file of bounded size;
+data-file names from metadata are confined to the directory.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Any
+
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import Metadata
+
+from . import commit, manifest
+from .errors import CheckpointFormatError, DcpxError, UnsafeCheckpointError
+from .safe_pickle import plugin_safe_globals, safe_loads
+from .transform import read_bounded
+
+MAX_METADATA_BYTES = 4 << 30
+
+
+def confine(root: str, relative: Any, where: str) -> str:
+    """Resolve ``relative`` inside ``root`` or raise; symlinks may not lead outside."""
+    if not isinstance(relative, str) or not relative or "\x00" in relative:
+        raise UnsafeCheckpointError(f"{where}: invalid data file name {relative!r}")
+    parts = relative.replace("\\", "/").split("/")
+    if os.path.isabs(relative) or relative.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+        raise UnsafeCheckpointError(f"{where}: data file name {relative!r} points outside the checkpoint directory")
+    root_real = os.path.realpath(root)
+    full = os.path.realpath(os.path.join(root_real, relative))
+    if os.path.commonpath([full, root_real]) != root_real:
+        raise UnsafeCheckpointError(f"{where}: data file {relative!r} resolves outside the checkpoint directory")
+    return full
+
+
+def load_metadata(directory: str, name: str = commit.METADATA) -> tuple[Metadata, bytes]:
+    """Read and validate ``.metadata`` with the restricted unpickler."""
+    path = os.path.join(directory, name)
+    where = f"{directory}/{name}"
+    try:
+        data = read_regular_file(path, MAX_METADATA_BYTES, where)
+    except FileNotFoundError as exc:
+        raise CheckpointFormatError(f"{directory}: not a checkpoint (no {name} file)") from exc
+    metadata = safe_loads(data, where, plugin_safe_globals())
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
+        raise CheckpointFormatError(f"{where}: does not hold DCP Metadata")
+    if metadata.storage_data is not None and not isinstance(metadata.storage_data, dict):
+        raise CheckpointFormatError(f"{where}: storage table is not a mapping")
+    return metadata, data
+
+
+def load_manifest(directory: str, metadata: Metadata, metadata_bytes: bytes) -> dict[str, Any] | None:
+    """The manifest belonging to ``metadata`` (verified against its bytes), or None if the
+    checkpoint has none (written by stock torch)."""
+    save_id = metadata.storage_meta.save_id if metadata.storage_meta is not None else None
+    if not isinstance(save_id, str) or len(save_id) != 32 or not all(c in "0123456789abcdef" for c in save_id):
+        return None
+    path = manifest.path_in(directory, save_id)
+    try:
+        data = read_regular_file(path, manifest.MAX_MANIFEST_BYTES, path)
+    except FileNotFoundError:
+        return None
+    body = manifest.loads(data, path)
+    manifest.verify(body, metadata_bytes, path)
+    return body
+
+
+def read_regular_file(path: str, limit: int, where: str) -> bytes:
+    """Read a small file from the checkpoint: regular files only (a FIFO or device planted
+    there must not hang or flood the reader), at most ``limit`` bytes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise CheckpointFormatError(f"{where}: cannot open: {exc}") from exc
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise UnsafeCheckpointError(f"{where}: not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        if st.st_size > limit:
+            raise CheckpointFormatError(f"{where}: {st.st_size} bytes is more than the limit of {limit}")
+        return read_bounded(f, limit)
+
+
+def referenced_files(directory: str) -> set[str] | None:
+    """Files the committed checkpoint in ``directory`` uses; None if it cannot be read safely
+    (then nothing may be cleaned up)."""
+    if not os.path.exists(os.path.join(directory, commit.METADATA)):
+        return set()
+    try:
+        metadata, _ = load_metadata(directory)
+    except DcpxError:
+        return None
+    keep = {info.relative_path for info in (metadata.storage_data or {}).values() if isinstance(info, _StorageInfo)}
+    save_id = metadata.storage_meta.save_id if metadata.storage_meta is not None else None
+    if isinstance(save_id, str):
+        keep.add(manifest.manifest_name(save_id))
+    return keep

@@ -1,0 +1,189 @@
+"""Decoding one read request into its destination, on a worker thread.
+
+dcpx items are raw bytes (read straight into the destination tensor) or framed chunks
+(decoded in parallel, only those a partial read overlaps); stock torch items are
+``torch.save`` payloads behind torch-style stream transforms, loaded with
+``weights_only=True``.  Every size comes from metadata and is checked before use.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.distributed.checkpoint.planner import ReadItem
+
+from .errors import CheckpointFormatError, DcpxError
+from .framing import FOOTER, FRAME_DESCRIPTOR, MARKERS, RAW_DESCRIPTOR, FrameIndex, parse_footer, parse_index
+from .pipeline import BoundChain, codec_pool, decode_range
+from .tensor_bytes import element_size, writable_bytes
+from .transform import ItemInfo, read_bounded
+
+if TYPE_CHECKING:
+    from .reader import FileSystemReader
+
+
+# torch.save wraps a tensor's bytes in a small zip archive; allow that much on top.
+TORCH_SAVE_OVERHEAD = 1 << 20
+
+
+@dataclass
+class OpenFile:
+    fd: int
+    size: int
+
+
+
+class ReadJob:
+    """Everything needed to decode one read request; ``run`` executes on a worker thread."""
+
+    def __init__(self, reader: FileSystemReader, req: ReadItem, where: str, f: OpenFile, offset: int,
+                 length: int, descriptors: list[str], expected: tuple[torch.dtype, tuple[int, ...]] | None) -> None:
+        self.reader, self.req, self.where, self.file = reader, req, where, f
+        self.offset, self.length, self.descriptors, self.expected = offset, length, descriptors, expected
+        self.is_tensor = expected is not None
+
+    def pread(self, pos: int, size: int) -> bytes:
+        """Read ``size`` stored bytes at item-relative ``pos``; short reads are errors."""
+        if pos < 0 or size < 0 or pos + size > self.length:
+            raise CheckpointFormatError(f"{self.where}: read of {size} bytes at {pos} leaves the item")
+        data = os.pread(self.file.fd, size, self.offset + pos)
+        if len(data) != size:
+            raise CheckpointFormatError(f"{self.where}: file is shorter than recorded (truncated)")
+        return data
+
+    def run(self, target: torch.Tensor | None) -> Any:
+        try:
+            if self.descriptors and self.descriptors[0] in MARKERS:
+                return self._native(target)
+            return self._stock(target)
+        except DcpxError as exc:
+            if self.where in str(exc):
+                raise
+            named = copy.copy(exc)  # keeps a plugin error's attributes (digests, key ids)
+            named.args = (f"{self.where}: {exc}",)
+            raise named from exc
+
+    # dcpx items: raw bytes or framed chunks -------------------------------------------
+    def _native(self, target: torch.Tensor | None) -> Any:
+        marker, chain_desc = self.descriptors[0], self.descriptors[1:]
+        item = self.item_info()
+        raw_size = item.nbytes if self.expected is not None else None
+        if marker == RAW_DESCRIPTOR:
+            if chain_desc:
+                raise CheckpointFormatError(f"{self.where}: a raw item cannot list transforms {chain_desc}")
+            if raw_size is not None and self.length != raw_size:
+                raise CheckpointFormatError(f"{self.where}: raw item holds {self.length} bytes, metadata expects {raw_size}")
+            size = self.length if raw_size is None else raw_size
+
+            def fill(lo: int, hi: int, out: memoryview) -> None:
+                n = os.preadv(self.file.fd, [out], self.offset + lo)
+                if n != hi - lo:
+                    raise CheckpointFormatError(f"{self.where}: file is shorter than recorded (truncated)")
+        else:
+            index, chain = self.frame(raw_size)
+            size = index.raw_size
+            item = ItemInfo(item.fqn, size, item.dtype, item.shape, item.offsets, item.checkpoint_id)
+            pool = codec_pool(self.reader.workers) if index.count > 1 else None
+
+            def fill(lo: int, hi: int, out: memoryview) -> None:
+                decode_range(index, chain, item, self.pread, lo, hi, out, pool)
+        if self.expected is None:
+            buf = bytearray(size)
+            fill(0, size, memoryview(buf))
+            return bytes(buf)
+        return self._into_tensor(target, fill)
+
+    def frame(self, raw_size: int | None) -> tuple[FrameIndex, BoundChain]:
+        """Validate a framed item's index and build its decode chain."""
+        chain_desc = self.descriptors[1:]
+        if self.descriptors[0] != FRAME_DESCRIPTOR or not chain_desc:
+            raise CheckpointFormatError(f"{self.where}: malformed dcpx descriptor list {self.descriptors}")
+        footer = self.pread(self.length - FOOTER.size, FOOTER.size) if self.length >= FOOTER.size else b""
+        index_len = parse_footer(footer, self.length, self.where)
+        body = self.pread(self.length - FOOTER.size - index_len, index_len)
+        limit = self.reader.max_item_bytes if raw_size is None else raw_size
+        index = parse_index(footer, body, self.length, len(chain_desc), self.where, raw_size, limit)
+        innermost_first = list(reversed(chain_desc))
+        transforms = tuple(self.reader.transform_for(d, self.where) for d in innermost_first)
+        return index, BoundChain(transforms, tuple(innermost_first))
+
+    def item_info(self) -> ItemInfo:
+        if self.expected is None:
+            return ItemInfo(self.req.storage_index.fqn, 0, checkpoint_id=self._checkpoint_id())
+        dtype, shape = self.expected
+        return ItemInfo(self.req.storage_index.fqn, math.prod(shape) * element_size(dtype), dtype, shape,
+                        tuple(self.req.storage_index.offset or ()), self._checkpoint_id())
+
+    def _into_tensor(self, target: torch.Tensor, fill: Any) -> torch.Tensor:
+        dtype, shape = self.expected
+        req = self.req
+        lengths = tuple(int(x) for x in req.lengths)
+        offsets = tuple(int(x) for x in req.storage_offsets)
+        if tuple(target.shape) != lengths:
+            raise CheckpointFormatError(f"{self.where}: destination has shape {tuple(target.shape)}, read expects {lengths}")
+        if any(o < 0 or o + n > s for o, n, s in zip(offsets, lengths, shape)) or len(offsets) != len(shape):
+            raise CheckpointFormatError(f"{self.where}: requested region {offsets}+{lengths} is outside the stored shape {shape}")
+        itemsize = element_size(dtype)
+        if math.prod(lengths) == 0:  # the frame, if any, was validated in _native
+            return target
+        # rows: the request is a contiguous byte range when only the leading dim is narrowed
+        leading_only = all(o == 0 and n == s for o, n, s in zip(offsets[1:], lengths[1:], shape[1:]))
+        if leading_only:
+            row = math.prod(shape[1:]) * itemsize
+            lo = (offsets[0] if shape else 0) * row
+            hi = lo + math.prod(lengths) * itemsize
+            direct = writable_bytes(target) if target.dtype == dtype else None
+            if direct is not None:
+                fill(lo, hi, direct)
+                return target
+            tmp = torch.empty(lengths, dtype=dtype)
+            fill(lo, hi, writable_bytes(tmp))
+            target.copy_(tmp)
+            return target
+        tmp = torch.empty(shape, dtype=dtype)
+        fill(0, tmp.nbytes, writable_bytes(tmp))
+        region = tmp
+        for dim, (o, n) in enumerate(zip(offsets, lengths)):
+            region = region.narrow(dim, o, n)
+        target.copy_(region)
+        return target
+
+    # stock torch items: torch.save payloads through torch-style stream transforms ------
+    def _stock(self, target: torch.Tensor | None) -> Any:
+        stream: Any = io.BytesIO(self.pread(0, self.length))
+        # stock torch records descriptors innermost first; undo the outermost first
+        for text in reversed(self.descriptors):
+            stream = self.reader.transform_for(text, self.where).transform_from(stream)
+        if self.expected is None:
+            data = read_bounded(stream, self.reader.max_item_bytes + 1)
+            if len(data) > self.reader.max_item_bytes:
+                raise CheckpointFormatError(f"{self.where}: item decodes to more than {self.reader.max_item_bytes} bytes")
+            return data
+        dtype, shape = self.expected
+        limit = math.prod(shape) * element_size(dtype) + TORCH_SAVE_OVERHEAD
+        data = read_bounded(stream, limit + 1)
+        if len(data) > limit:
+            raise CheckpointFormatError(f"{self.where}: item decodes to more bytes than its tensor can hold")
+        try:
+            tensor = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointFormatError(f"{self.where}: not a valid torch.save tensor ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise CheckpointFormatError(f"{self.where}: stored tensor does not match metadata ({dtype}, {shape})")
+        region = tensor
+        for dim, (o, n) in enumerate(zip(self.req.storage_offsets, self.req.lengths)):
+            region = region.narrow(dim, int(o), int(n))
+        if tuple(target.shape) != tuple(region.shape):
+            raise CheckpointFormatError(f"{self.where}: destination has shape {tuple(target.shape)}, read expects {tuple(region.shape)}")
+        target.copy_(region)
+        return target
+
+    def _checkpoint_id(self) -> str:
+        md = self.reader.metadata
+        return str(md.storage_meta.save_id or "") if md is not None and md.storage_meta is not None else ""
