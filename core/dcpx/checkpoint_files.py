@@ -68,10 +68,13 @@ def load_manifest(directory: str, metadata: Metadata, metadata_bytes: bytes) -> 
     return body
 
 
-def read_regular_file(path: str, limit: int, where: str) -> bytes:
-    """Read a small file from the checkpoint: regular files only (a FIFO or device planted
-    there must not hang or flood the reader), at most ``limit`` bytes."""
+def open_regular(path: str, where: str) -> tuple[int, int]:
+    """Open a file of the checkpoint for reading: (fd, size).  Regular files only, so a FIFO
+    or device planted in the directory cannot hang or flood the reader; symlinks are
+    followed only where the caller has confined the resolved path.  Raises
+    ``FileNotFoundError`` unchanged so callers can say what is missing."""
     try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise
@@ -80,10 +83,16 @@ def read_regular_file(path: str, limit: int, where: str) -> bytes:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        raise UnsafeCheckpointError(f"{where}: not a regular file")
+        raise UnsafeCheckpointError(f"{where}: {os.path.basename(path)!r} is not a regular file")
+    return fd, st.st_size
+
+
+def read_regular_file(path: str, limit: int, where: str) -> bytes:
+    """Read a small file of the checkpoint (metadata, manifest): at most ``limit`` bytes."""
+    fd, size = open_regular(path, where)
     with os.fdopen(fd, "rb") as f:
-        if st.st_size > limit:
-            raise CheckpointFormatError(f"{where}: {st.st_size} bytes is more than the limit of {limit}")
+        if size > limit:
+            raise CheckpointFormatError(f"{where}: {size} bytes is more than the limit of {limit}")
         return read_bounded(f, limit)
 
 

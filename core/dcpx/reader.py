@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-import stat
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
@@ -22,9 +21,9 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from . import commit, manifest
-from .checkpoint_files import confine, load_manifest, load_metadata
+from .checkpoint_files import confine, load_manifest, load_metadata, open_regular
 from .descriptor import parse
-from .errors import CheckpointFormatError, DcpxError, IntegrityError, PolicyError, UnsafeCheckpointError
+from .errors import CheckpointFormatError, DcpxError, IntegrityError, PolicyError
 from .pipeline import default_workers
 from .plugins import as_transform, host
 from .read_job import OpenFile, ReadJob
@@ -204,19 +203,11 @@ class FileSystemReader(StorageReader):
         self._check_policy(where, descriptors)
         opened = files.get(rel)
         if opened is None:
-            full = confine(self.path, rel, where)
             try:
-                # O_NONBLOCK: opening a FIFO planted in the directory must not hang
-                fd = os.open(full, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+                fd, size = open_regular(confine(self.path, rel, where), where)
             except FileNotFoundError as exc:
                 raise CheckpointFormatError(f"{where}: data file is missing") from exc
-            except OSError as exc:
-                raise CheckpointFormatError(f"{where}: cannot open data file: {exc}") from exc
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                os.close(fd)
-                raise UnsafeCheckpointError(f"{where}: {rel!r} is not a regular file")
-            opened = files[rel] = OpenFile(fd, st.st_size)
+            opened = files[rel] = OpenFile(fd, size)
         if offset + length > opened.size:
             raise CheckpointFormatError(
                 f"{where}: item ends at byte {offset + length} but the file has only {opened.size} bytes (truncated?)"
