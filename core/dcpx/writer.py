@@ -8,7 +8,7 @@ import os
 import pickle
 import threading
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -21,7 +21,8 @@ from torch.futures import Future
 
 from . import commit, manifest
 from .errors import CommitError, ConfigError
-from .framing import FRAME_DESCRIPTOR, RAW_DESCRIPTOR, FrameIndex
+from .framing import RAW_DESCRIPTOR
+from .item_writer import ItemState, ItemStorageInfo, item_result, torch_save_bytes
 from .pipeline import DEFAULT_CHUNK_SIZE, BoundChain, OrderedWindow, codec_pool, default_workers, encode_chunk, iter_chunks
 from .rules import TransformSpec, resolve_transforms
 from .safetensors_io import write_safetensors_file
@@ -39,18 +40,6 @@ class _PlanData:
     prefix: str
     checkpoint_id: str
     tag: str | None
-
-
-@dataclass
-class _ItemStorageInfo(_StorageInfo):
-    """``_StorageInfo`` plus what the manifest needs; reduced to plain ``_StorageInfo`` in
-    ``finish`` so ``.metadata`` holds only torch's own types."""
-
-    raw_size: int = 0
-    records: dict[str, str] = field(default_factory=dict)
-
-    def plain(self) -> _StorageInfo:
-        return _StorageInfo(self.relative_path, self.offset, self.length, self.transform_descriptors)
 
 
 class FileSystemWriter(StorageWriter, BlockingAsyncStager):
@@ -225,7 +214,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         if self.safetensors and items[0].type != WriteItemType.BYTE_IO:
             tensors = [(item, _cpu_tensor(planner.resolve_data(item))) for item in items]
             placed = write_safetensors_file(path, tensors, self.sync_files)
-            return [_result(item, name, off, length, [RAW_DESCRIPTOR], length, {}) for item, off, length in placed]
+            return [item_result(item, name, off, length, [RAW_DESCRIPTOR], length, {}) for item, off, length in placed]
         pool = codec_pool(self.workers)
         window = OrderedWindow(pool, max(4 * self.workers * self.chunk_size, self.per_thread_copy_ahead))
         results: list[WriteResult] = []
@@ -259,10 +248,10 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
                 item.index.fqn, raw.nbytes, tensor.dtype, tuple(tensor.shape),
                 tuple(item.index.offset) if item.index.offset is not None else None, checkpoint_id,
             )
-        state = _ItemState(item, name, info, keep, self.chunk_size)
+        state = ItemState(item, name, info, keep, self.chunk_size)
         chain = BoundChain.for_item(self.rules.chain_for(info), info)
         if self.compat:
-            yield (lambda: _torch_save_bytes(item, keep, chain), raw.nbytes, state.write_whole)
+            yield (lambda: torch_save_bytes(item, keep, chain), raw.nbytes, state.write_whole)
         elif not chain.transforms or (info.is_tensor and raw.nbytes == 0):
             # an empty tensor has no bytes to transform, and DCP never issues a read for it
             state.descriptors = [RAW_DESCRIPTOR] if item.type != WriteItemType.BYTE_IO else None
@@ -283,7 +272,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         records: list[manifest.ItemRecord] = []
         for wr in (wr for rank_results in results for wr in rank_results):
             info = wr.storage_data
-            storage[wr.index] = info.plain() if isinstance(info, _ItemStorageInfo) else info
+            storage[wr.index] = info.plain() if isinstance(info, ItemStorageInfo) else info
             records.append(manifest.ItemRecord(
                 fqn=wr.index.fqn,
                 shard_offsets=list(wr.index.offset) if wr.index.offset is not None else None,
@@ -333,69 +322,6 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
             self._lock = None
 
 
-class _ItemState:
-    """Tracks one item while its pieces are written in order by the file's thread."""
-
-    def __init__(self, item: WriteItem, name: str, info: ItemInfo, keep: Any, chunk_size: int) -> None:
-        self.item, self.name, self.info, self.keep = item, name, info, keep
-        self.chunk_size = chunk_size
-        self.offset: int | None = None
-        self.descriptors: list[str] | None = None
-        self.chain: BoundChain | None = None
-        self.sizes: list[tuple[int, ...]] = []
-        self.records: list[tuple[str | None, ...]] = []
-
-    def _start(self, f: io.BufferedWriter) -> None:
-        if self.offset is None:
-            self.offset = f.tell()
-
-    def write_whole(self, f: io.BufferedWriter, value: Any) -> WriteResult:
-        data, descriptors = value if isinstance(value, tuple) else (value, self.descriptors)
-        self._start(f)
-        f.write(data)
-        length = f.tell() - self.offset
-        self.keep = None
-        return _result(self.item, self.name, self.offset, length, descriptors, self.info.nbytes, {})
-
-    def write_chunk(self, f: io.BufferedWriter, encoded: Any) -> None:
-        self._start(f)
-        f.write(encoded.data)
-        self.sizes.append(encoded.layer_sizes)
-        self.records.append(encoded.records)
-
-    def write_index(self, f: io.BufferedWriter, _: None) -> WriteResult:
-        assert self.chain is not None
-        self._start(f)
-        index = FrameIndex(self.info.nbytes, self.chunk_size, len(self.chain.transforms), tuple(self.sizes))
-        f.write(index.encode())
-        records: dict[str, str] = {}
-        for layer, transform in enumerate(self.chain.transforms):
-            value = transform.item_record(self.info, [r[layer] for r in self.records])
-            if value is not None:
-                records[self.chain.descriptors[layer]] = value
-        length = f.tell() - self.offset
-        self.keep = None
-        descriptors = [FRAME_DESCRIPTOR, *self.chain.outermost_first()]
-        return _result(self.item, self.name, self.offset, length, descriptors, self.info.nbytes, records)
-
-
-def _torch_save_bytes(item: WriteItem, data: Any, chain: BoundChain) -> tuple[bytes, list[str] | None]:
-    """Compat mode: the item exactly as stock torch writes it (torch.save, torch's streams)."""
-    from .transform import _Sink
-
-    sink = _Sink()
-    stream: Any = sink
-    exts = [t.extension for t in chain.transforms]  # type: ignore[attr-defined]
-    for ext in reversed(exts):
-        stream = ext.transform_to(stream)
-    if item.type == WriteItemType.BYTE_IO:
-        stream.write(data)
-    else:
-        torch.save(data, stream)
-    stream.close()
-    return sink.getvalue(), (chain.outermost_first() or None)
-
-
 def _chain(*iterables: Iterator[Any]) -> Iterator[Any]:
     for it in iterables:
         yield from it
@@ -437,12 +363,6 @@ def _cpu_tensor(data: Any, minimal_storage: bool = False) -> torch.Tensor:
     if minimal_storage and tensor.untyped_storage().nbytes() != tensor.nbytes:
         tensor = tensor.clone()
     return tensor
-
-
-def _result(item: WriteItem, name: str, offset: int, length: int, descriptors: list[str] | None,
-            raw_size: int, records: dict[str, str]) -> WriteResult:
-    info = _ItemStorageInfo(name, offset, length, descriptors, raw_size=raw_size, records=records)
-    return WriteResult(index=item.index, size_in_bytes=length, storage_data=info)
 
 
 def _file_sizes(directory: str, records: list[manifest.ItemRecord]) -> dict[str, int]:

@@ -1,0 +1,101 @@
+"""Writing one item's pieces into its data file, in order, and describing the result.
+
+The file's thread calls these continuations strictly in submission order while chunk
+encodes run ahead on the pool, so an item's offset is where its first piece lands.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
+from torch.distributed.checkpoint.storage import WriteResult
+
+from .framing import FRAME_DESCRIPTOR, FrameIndex
+from .pipeline import BoundChain
+from .transform import ItemInfo
+
+
+@dataclass
+class ItemStorageInfo(_StorageInfo):
+    """``_StorageInfo`` plus what the manifest needs; reduced to plain ``_StorageInfo`` in
+    ``finish`` so ``.metadata`` holds only torch's own types."""
+
+    raw_size: int = 0
+    records: dict[str, str] = field(default_factory=dict)
+
+    def plain(self) -> _StorageInfo:
+        return _StorageInfo(self.relative_path, self.offset, self.length, self.transform_descriptors)
+
+
+class ItemState:
+    """Tracks one item while its pieces are written in order by the file's thread."""
+
+    def __init__(self, item: WriteItem, name: str, info: ItemInfo, keep: Any, chunk_size: int) -> None:
+        self.item, self.name, self.info, self.keep = item, name, info, keep
+        self.chunk_size = chunk_size
+        self.offset: int | None = None
+        self.descriptors: list[str] | None = None
+        self.chain: BoundChain | None = None
+        self.sizes: list[tuple[int, ...]] = []
+        self.records: list[tuple[str | None, ...]] = []
+
+    def _start(self, f: io.BufferedWriter) -> None:
+        if self.offset is None:
+            self.offset = f.tell()
+
+    def write_whole(self, f: io.BufferedWriter, value: Any) -> WriteResult:
+        data, descriptors = value if isinstance(value, tuple) else (value, self.descriptors)
+        self._start(f)
+        f.write(data)
+        length = f.tell() - self.offset
+        self.keep = None
+        return item_result(self.item, self.name, self.offset, length, descriptors, self.info.nbytes, {})
+
+    def write_chunk(self, f: io.BufferedWriter, encoded: Any) -> None:
+        self._start(f)
+        f.write(encoded.data)
+        self.sizes.append(encoded.layer_sizes)
+        self.records.append(encoded.records)
+
+    def write_index(self, f: io.BufferedWriter, _: None) -> WriteResult:
+        assert self.chain is not None
+        self._start(f)
+        index = FrameIndex(self.info.nbytes, self.chunk_size, len(self.chain.transforms), tuple(self.sizes))
+        f.write(index.encode())
+        records: dict[str, str] = {}
+        for layer, transform in enumerate(self.chain.transforms):
+            value = transform.item_record(self.info, [r[layer] for r in self.records])
+            if value is not None:
+                records[self.chain.descriptors[layer]] = value
+        length = f.tell() - self.offset
+        self.keep = None
+        descriptors = [FRAME_DESCRIPTOR, *self.chain.outermost_first()]
+        return item_result(self.item, self.name, self.offset, length, descriptors, self.info.nbytes, records)
+
+
+def torch_save_bytes(item: WriteItem, data: Any, chain: BoundChain) -> tuple[bytes, list[str] | None]:
+    """Compat mode: the item exactly as stock torch writes it (torch.save, torch's streams)."""
+    from .transform import _Sink
+
+    sink = _Sink()
+    stream: Any = sink
+    exts = [t.extension for t in chain.transforms]  # type: ignore[attr-defined]
+    for ext in reversed(exts):
+        stream = ext.transform_to(stream)
+    if item.type == WriteItemType.BYTE_IO:
+        stream.write(data)
+    else:
+        torch.save(data, stream)
+    stream.close()
+    return sink.getvalue(), (chain.outermost_first() or None)
+
+
+def item_result(item: WriteItem, name: str, offset: int, length: int, descriptors: list[str] | None,
+            raw_size: int, records: dict[str, str]) -> WriteResult:
+    info = ItemStorageInfo(name, offset, length, descriptors, raw_size=raw_size, records=records)
+    return WriteResult(index=item.index, size_in_bytes=length, storage_data=info)
