@@ -213,3 +213,21 @@ def test_alternating_stock_and_dcpx_saves_in_one_directory(tmp_path: Path) -> No
     metadata = dcpx.reader.load_metadata(str(tmp_path))[0]
     referenced = {info.relative_path for info in metadata.storage_data.values()}
     assert names == referenced | {".metadata", f".dcpx-manifest-{metadata.storage_meta.save_id}.json"}
+
+
+def test_reader_accepts_torch_extension_registry(tmp_path):
+    """torch's experimental `_extension_registry=` keeps working: its classes read what no
+    plugin provides, and a registry holding torch's own ZStandard causes no conflict."""
+    from torch.distributed.checkpoint._extension import ExtensionRegistry
+
+    state = {"w": torch.randn(16, 8), "n": torch.arange(5)}
+    for name, ext in (("flip", BitFlip()), ("zstd", ZStandard())):
+        path = tmp_path / name
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(path, _extensions=[ext]))
+        registry = ExtensionRegistry()
+        registry.register(type(ext))
+        out = {"w": torch.zeros(16, 8), "n": torch.zeros(5, dtype=torch.long)}
+        dcp.load(out, storage_reader=dcpx.FileSystemReader(path, _extension_registry=registry))
+        assert torch.equal(out["w"], state["w"]) and torch.equal(out["n"], state["n"])
+    with pytest.raises(dcpx.UnknownTransformError, match="stream.bitflip@user"):
+        dcpx.load({"w": torch.zeros(16, 8), "n": torch.zeros(5, dtype=torch.long)}, tmp_path / "flip")

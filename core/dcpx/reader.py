@@ -27,7 +27,7 @@ from .errors import CheckpointFormatError, DcpxError, IntegrityError, PolicyErro
 from .pipeline import default_workers
 from .plugins import as_transform, host
 from .read_job import OpenFile, ReadJob
-from .transform import Transform, descriptor_name, transform_name
+from .transform import TorchStreamTransform, Transform, descriptor_name, transform_name
 
 
 class FileSystemReader(StorageReader):
@@ -63,9 +63,9 @@ class FileSystemReader(StorageReader):
         for spec in transforms or ():
             t = host().create(spec) if isinstance(spec, str) else as_transform(spec)
             self._configured[transform_name(t)] = t
-        if _extension_registry is not None:
-            for name, cls in getattr(_extension_registry, "extensions", {}).items():
-                host()._add("torch-extension-registry", cls)
+        # torch's experimental ExtensionRegistry: its classes read descriptors that no
+        # installed plugin provides (installed plugins win, e.g. dcpx-zstd for stream.zstd)
+        self._extensions: dict[str, type] = dict(getattr(_extension_registry, "extensions", None) or {})
         self.require = [host().resolve_name(r) if "@" not in r and "/" not in r else r for r in require]
         self._cache: dict[str, Transform] = {}
         self.storage_data: dict[MetadataIndex, Any] = {}
@@ -242,7 +242,12 @@ class FileSystemReader(StorageReader):
             try:
                 name = descriptor_name(text)
                 configured = self._configured.get(name)
-                cached = configured.with_descriptor(parse(text)) if configured is not None else host().from_descriptor(text)
+                if configured is not None:
+                    cached = configured.with_descriptor(parse(text))
+                elif name in self._extensions and name not in {r.name for r in host().registrations()}:
+                    cached = TorchStreamTransform(self._extensions[name].from_descriptor(text.partition("/")[2]))
+                else:
+                    cached = host().from_descriptor(text)
             except DcpxError as exc:
                 raise type(exc)(f"{where}: {exc}") from exc
             self._cache[text] = cached
