@@ -19,7 +19,6 @@ from dcpx_encrypt import (
     CheckpointMismatchError,
     NoKeyConfiguredError,
     UnknownKeyIdError,
-    WrongKeyError,
     format_env,
 )
 
