@@ -45,5 +45,5 @@ class PolicyError(DcpxError):
     """An item does not satisfy the reader's policy (e.g. a required transform is missing)."""
 
 
-class CommitError(DcpxError):
+class CommitError(DcpxError, RuntimeError):
     """A save could not be committed, or another save holds the checkpoint path."""

@@ -135,7 +135,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         os.makedirs(self.path, exist_ok=True)
         if os.path.exists(os.path.join(self.path, self._metadata_name(0 if not self.use_collectives else None))):
             if not self.overwrite:
-                raise CommitError(f"{self.path}: a checkpoint already exists and overwrite=False")
+                raise CommitError(f"{self.path}: Checkpoint already exists and overwrite=False; pass overwrite=True or save elsewhere")
         if not self.use_collectives:
             rank = self.rank or 0
             self._lock_and_clean(prefix=f"__{rank}_")
