@@ -38,9 +38,10 @@ def assert_same(actual: Any, expected: Any, path: str = "") -> None:
 
 
 def blank(obj: Any) -> Any:
-    """A destination with the same structure: tensors zeroed (same dtype/shape), other leaves None."""
+    """A destination with the same structure: tensors zeroed (same dtype, shape and, for a
+    DTensor, placement), other leaves None."""
     if isinstance(obj, torch.Tensor):
-        return torch.zeros(obj.shape, dtype=obj.dtype)
+        return torch.zeros_like(obj)
     if isinstance(obj, dict):
         return {k: blank(v) for k, v in obj.items()}
     if isinstance(obj, list) and any(isinstance(v, torch.Tensor) for v in obj):

@@ -22,6 +22,9 @@ import torch.distributed.checkpoint as dcp
 
 import dcpx
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from checkpoint_helpers import assert_same, blank  # noqa: E402  (tests/ is not a package)
+
 CHUNK = 256  # small, so shards span several chunks and resharding reads parts of chunks
 
 
@@ -65,34 +68,6 @@ def train_step(model: torch.nn.Module, optim: torch.optim.Optimizer, seed: int) 
 # -- helpers ----------------------------------------------------------------------------------------------
 
 
-def same(a: Any, b: Any, path: str = "") -> None:
-    """Bit-exact comparison of tensors (dtype, shape, bytes) inside containers."""
-    if isinstance(b, torch.Tensor):
-        assert isinstance(a, torch.Tensor), f"{path}: {type(a)} is not a tensor"
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{path}: {a.dtype}{tuple(a.shape)} != {b.dtype}{tuple(b.shape)}"
-        av, bv = a.detach().contiguous().reshape(-1), b.detach().contiguous().reshape(-1)
-        if av.numel():
-            assert torch.equal(av.view(torch.uint8), bv.view(torch.uint8)), f"{path}: bytes differ"
-    elif isinstance(b, dict):
-        assert isinstance(a, dict) and set(a) == set(b), f"{path}: keys {sorted(a)} != {sorted(b)}"
-        for k in b:
-            same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(b, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in b):
-        assert len(a) == len(b), f"{path}: lengths differ"
-        for i, (x, y) in enumerate(zip(a, b)):
-            same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
-
-
-def blank(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return torch.zeros_like(obj)
-    if isinstance(obj, dict):
-        return {k: blank(v) for k, v in obj.items()}
-    return None
-
-
 def writer(path: str) -> dcpx.FileSystemWriter:
     return dcpx.FileSystemWriter(path, transforms=["zstd"], chunk_size=CHUNK, thread_count=2)
 
@@ -110,7 +85,7 @@ def replicated(path: str) -> None:
     dist.barrier()
     dest = blank(sd)
     dcp.load(dest, storage_reader=reader(path))
-    same(dest, replicated_state())
+    assert_same(dest, replicated_state())
     files = sorted(n for n in os.listdir(path) if n.endswith(".distcp"))
     assert files, "no data files"
 
@@ -137,11 +112,11 @@ def _check_dtensors(sd: dict[str, Any]) -> None:
     world, rank = dist.get_world_size(), dist.get_rank()
     for name, full in full_tensors().items():
         got = sd[name]
-        same(got.full_tensor(), full, name)
+        assert_same(got.full_tensor(), full, name)
         dim = got.placements[0].dim
         chunks = torch.chunk(full, world, dim=dim)  # DTensor's Shard() splits like torch.chunk
         expected = chunks[rank] if rank < len(chunks) else full.narrow(dim, 0, 0)
-        same(got.to_local(), expected, f"{name} (local shard of rank {rank})")
+        assert_same(got.to_local(), expected, f"{name} (local shard of rank {rank})")
 
 
 def dtensor_load(path: str) -> None:
@@ -173,13 +148,13 @@ def model_optim(path: str) -> None:
 
     ref_m, ref_o = get_state_dict(model, optim)
     got_m, got_o = get_state_dict(model2, optim2)
-    same(got_m, ref_m, "model")
-    same(got_o, ref_o, "optim")
+    assert_same(got_m, ref_m, "model")
+    assert_same(got_o, ref_o, "optim")
     assert optim2.param_groups[0]["lr"] == 1e-2
     # training continues identically
     train_step(model, optim, seed=2)
     train_step(model2, optim2, seed=2)
-    same(dict(model2.state_dict()), dict(model.state_dict()), "after-step")
+    assert_same(dict(model2.state_dict()), dict(model.state_dict()), "after-step")
 
 
 SCENARIOS: dict[str, Callable[[str], None]] = {

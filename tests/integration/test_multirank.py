@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 import dcpx
+from checkpoint_helpers import assert_same, blank
 
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
@@ -126,9 +127,9 @@ def test_replicated_state_dict(request: pytest.FixtureRequest, world: int) -> No
     metadata = dcpx.reader.load_metadata(str(path))[0]
     for info in metadata.storage_data.values():
         assert info.transform_descriptors == ["frame@dcpx/1", "stream.zstd/1"]
-    dest = worker.blank(worker.replicated_state())
+    dest = blank(worker.replicated_state())
     dcpx.load(dest, path)  # and a single process reads it back
-    worker.same(dest, worker.replicated_state())
+    assert_same(dest, worker.replicated_state())
 
 
 @pytest.fixture
@@ -158,7 +159,7 @@ def test_dtensor_reshard_four_to_one_plain_tensors(dtensor_checkpoint: Path, api
     else:
         dcpx.load(dest, dtensor_checkpoint)
     assert dest.pop("step") == 17
-    worker.same(dest, full)
+    assert_same(dest, full)
 
 
 def test_model_and_optimizer_state(world2: tuple[Run, Path]) -> None:
