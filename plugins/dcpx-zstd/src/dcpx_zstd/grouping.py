@@ -23,8 +23,9 @@ Two families of layouts, all lossless for any input bytes (they only permute bit
   5-bit exponent the two-bit rotation gains nothing (measured: slightly worse), so half
   precision uses the simpler form.
 
-Everything is whole-array numpy arithmetic (shifts, masks, narrowing and widening copies):
-no Python loop touches individual bytes, and numpy releases the GIL inside each call.
+Two implementations compute exactly the same bytes (see ``kernels``): compiled C, one pass
+over memory, and the whole-array numpy arithmetic below (shifts, masks, narrowing and
+widening copies), which is the reference and the fallback.  Both release the GIL.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from functools import partial
 from typing import Callable, Sequence
 
 import numpy as np
+
+from . import kernels
 
 NONE = "none"
 
@@ -64,24 +67,29 @@ class Layout:
         """(number of whole words, length of the trailing partial word) for ``size`` bytes."""
         return divmod(size, self.width)
 
-    def split(self, data: memoryview) -> tuple[list[np.ndarray | memoryview], memoryview]:
+    def split(self, data: memoryview, compiled: bool | None = None) -> tuple[list[np.ndarray | memoryview], memoryview]:
         """Planes (in storage order) and the tail bytes that do not fill a whole word."""
         n, _ = self.words(len(data))
         if self.width == 1:
             return [data], data[len(data):]
-        words = np.frombuffer(data, dtype=_word_dtype(self.width), count=n)
         planes = [np.empty(n, dtype=np.uint8) for _ in range(self.planes)]
+        if kernels.use_compiled(compiled):
+            kernels.native.split(data[: n * self.width], self.width, self.rotate, planes)
+            return planes, data[n * self.width:]
+        words = np.frombuffer(data, dtype=_word_dtype(self.width), count=n)
         if self.is_float:
             _blockwise(partial(_split_float, rotate=self.rotate), words, planes)
         else:
             _blockwise(_split_bytes, words, planes)
         return planes, data[n * self.width:]
 
-    def join(self, planes: Sequence[Buffer], tail: Buffer, out: np.ndarray) -> None:
+    def join(self, planes: Sequence[Buffer], tail: Buffer, out: np.ndarray, compiled: bool | None = None) -> None:
         """Inverse of ``split``: write the reassembled bytes into ``out`` (uint8, exact size)."""
         n, _ = self.words(out.size)
         if self.width == 1:
             out[:n] = np.frombuffer(planes[0], dtype=np.uint8)
+        elif kernels.use_compiled(compiled):
+            kernels.native.join(planes, self.width, self.rotate, out[: n * self.width])
         else:
             words = out[: n * self.width].view(_word_dtype(self.width))
             arrays = [np.frombuffer(p, dtype=np.uint8) for p in planes]
@@ -94,6 +102,7 @@ class Layout:
 
 Buffer = bytes | bytearray | memoryview | np.ndarray
 
+# numpy fallback ------------------------------------------------------------------------
 # Words per pass.  Several whole-array passes over a 4 MiB chunk would stream every
 # intermediate through main memory; blocks of 64 Ki words keep one block's arrays in the
 # L2 cache, while the per-call overhead stays small.  Only contiguous arrays are touched:

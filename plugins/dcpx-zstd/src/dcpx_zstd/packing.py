@@ -10,12 +10,14 @@ Format for a plane of ``n`` bytes, with ``q = 8 * (n // 64)``: the first ``8q`` 
 eight contiguous segments ``S0..S7`` of ``q`` bytes; the packed form is ``P0..P6`` with
 ``P_j = S_j | (bit j+1 of S7)`` byte by byte, followed by the last ``n - 8q`` bytes (fewer
 than 64) verbatim.  Segments are whole 64-bit words, so the work runs eight bytes per
-numpy element.
+numpy element.  The compiled kernels (see ``kernels``) compute the same bytes when built.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from . import kernels
 
 # Packing costs a few dozen numpy calls whatever the plane's size; below this size zstd's
 # Huffman stage gets the same 1/8 for less.
@@ -41,12 +43,15 @@ def packable(plane: np.ndarray) -> bool:
     return plane.size >= MIN_PLANE and not int(np.bitwise_or.reduce(plane)) & 1
 
 
-def pack(plane: np.ndarray) -> np.ndarray:
+def pack(plane: np.ndarray, compiled: bool | None = None) -> np.ndarray:
     """Pack a uint8 plane whose bit 0 is clear everywhere (see ``packable``)."""
     n = plane.size
+    out = np.empty(packed_size(n), dtype=np.uint8)
+    if kernels.use_compiled(compiled):
+        kernels.native.pack7(plane, out)
+        return out
     q = _segment(n)
     segments = _words(plane[: 8 * q]).reshape(8, q // 8)
-    out = np.empty(packed_size(n), dtype=np.uint8)
     body = out[: 7 * q].view(np.uint64).reshape(7, q // 8)
     spare = np.empty(min(q // 8, BLOCK), dtype=np.uint64)
     for start in range(0, q // 8, BLOCK):
@@ -60,9 +65,12 @@ def pack(plane: np.ndarray) -> np.ndarray:
     return out
 
 
-def unpack(packed: np.ndarray, n: int, out: np.ndarray) -> None:
+def unpack(packed: np.ndarray, n: int, out: np.ndarray, compiled: bool | None = None) -> None:
     """Inverse of ``pack`` into ``out`` (uint8, ``n`` bytes); ``packed`` must be
     ``packed_size(n)`` bytes (the caller checks)."""
+    if kernels.use_compiled(compiled):
+        kernels.native.unpack7(packed, out[:n])
+        return
     q = _segment(n)
     body = _words(packed[: 7 * q]).reshape(7, q // 8)
     segments = out[: 8 * q].view(np.uint64).reshape(8, q // 8)
