@@ -96,8 +96,10 @@ def test_inner_descriptors_seen_by_each_layer(toys: Any, tmp_path: Path) -> None
     dcpx.save(sd, tmp_path, transforms=["xor", "trailer", "rev"], chunk_size=CHUNK)
     dcpx.load(blank(sd), tmp_path)
     rec = toys.RECORD
+    assert {c.inner for c in rec.of("stream.xor@test", "encode")} == {()}
+    assert {c.inner for c in rec.of("stream.xor@test", "decode_into")} == {()}  # a full load: all in place
+    assert not rec.of("stream.xor@test", "decode")
     for op in ("encode", "decode"):
-        assert {c.inner for c in rec.of("stream.xor@test", op)} == {()}
         assert {c.inner for c in rec.of("stream.trailer@test", op)} == {(XOR,)}
         assert {c.inner for c in rec.of("stream.rev@test", op)} == {(XOR, TRAILER)}
 
@@ -213,8 +215,12 @@ def test_decode_range_touches_only_overlapping_chunks(toys: Any, threads: int, l
             pool.shutdown()
     assert bytes(out) == raw[lo:hi]
     for name in ("stream.xor@test", "stream.trailer@test", "stream.rev@test"):
-        decoded = sorted(c.index for c in toys.RECORD.of(name, "decode"))
+        decoded = sorted(c.index for op in ("decode", "decode_into") for c in toys.RECORD.of(name, op))
         assert decoded == sorted(chunks), name
+    # the innermost layer decodes in place exactly the chunks that lie wholly inside the range
+    whole = {k for k in chunks if lo <= k * 1000 and min(10500, (k + 1) * 1000) <= hi}
+    assert sorted(c.index for c in toys.RECORD.of("stream.xor@test", "decode_into")) == sorted(whole)
+    assert not toys.RECORD.of("stream.trailer@test", "decode_into")
     offsets = index.stored_offsets()
     assert sorted(reads) == sorted((offsets[k], index.layer_sizes[k][-1]) for k in chunks)
 
@@ -265,7 +271,8 @@ def test_reader_partial_read_decodes_only_needed_chunks(toys: Any, tmp_path: Pat
     toys.RECORD.clear()
     got = _read_region(tmp_path, "w", full, (60, 0), (4, 256))  # last chunk only
     assert torch.equal(got, full[60:64])
-    assert [c.index for c in toys.RECORD.of("stream.xor@test", "decode")] == [15]
+    assert [c.index for c in toys.RECORD.of("stream.xor@test", "decode_into")] == [15]  # whole: in place
+    assert not toys.RECORD.of("stream.xor@test", "decode")
 
 
 def test_reader_column_slice_is_correct(toys: Any, tmp_path: Path) -> None:

@@ -86,14 +86,23 @@ def encode_chunk(chain: BoundChain, raw: memoryview, chunk: ChunkInfo) -> Encode
     return EncodedChunk(data, tuple(sizes), tuple(records))
 
 
-def decode_chunk(chain: BoundChain, stored: Buffer, chunk: ChunkInfo, layer_sizes: Sequence[int], stop: int = 0) -> Buffer:
+def decode_chunk(chain: BoundChain, stored: Buffer, chunk: ChunkInfo, layer_sizes: Sequence[int], stop: int = 0,
+                 out: memoryview | None = None) -> Buffer:
     """Undo the chain on one chunk; every layer must produce exactly its recorded size.
-    With ``stop`` > 0 only the layers from the outermost down to ``stop`` are undone."""
+    With ``stop`` > 0 only the layers from the outermost down to ``stop`` are undone.
+    With ``out`` (writable, the chunk's size) the innermost layer decodes straight into
+    it, and ``out`` is returned."""
     data: Buffer = stored
     expected = [chunk.size, *layer_sizes[:-1]]
     for i in range(len(chain.transforms) - 1, stop - 1, -1):
         info = ChunkInfo(chunk.item, chunk.index, chunk.count, chunk.offset, chunk.size, chain.descriptors[:i])
+        into = out if i == 0 and out is not None else None
+        if into is not None and into.nbytes != expected[0]:
+            raise ValueError(f"decode_chunk: out has {into.nbytes} bytes, chunk {chunk.index} has {expected[0]}")
         try:
+            if into is not None:
+                chain.transforms[i].decode_into(memoryview(data), info, into)
+                return into
             data = chain.transforms[i].decode(memoryview(data), info, expected[i])
         except DcpxError:
             raise
@@ -170,6 +179,9 @@ def decode_range(
         sizes = index.layer_sizes[k]
         stored = read(offsets[k], sizes[-1])
         chunk = ChunkInfo(item, k, index.count, start, end - start)
+        if lo <= start and end <= hi:  # the whole chunk lands in ``out``: decode in place
+            decode_chunk(chain, stored, chunk, sizes, out=out[start - lo:end - lo])
+            return
         data = memoryview(decode_chunk(chain, stored, chunk, sizes)).cast("B")
         a, b = max(lo, start), min(hi, end)
         out[a - lo:b - lo] = data[a - start:b - start]

@@ -126,6 +126,21 @@ class Transform(StreamTransformExtension):
         at save time; produce no more than that and raise a ``dcpx.IntegrityError`` or
         ``dcpx.CheckpointFormatError`` on any mismatch."""
 
+    def decode_into(self, data: memoryview, chunk: ChunkInfo, out: memoryview) -> None:
+        """``decode`` straight into ``out`` (writable, exactly the expected size).
+
+        The pipeline calls this for the innermost layer of a chunk that lands whole in the
+        destination tensor, so a transform that can write its result in place saves a
+        copy of every byte it decodes.  Overrides must check everything ``decode`` checks
+        before the first write into ``out``.  Default: ``decode``, then one copy."""
+        result = memoryview(self.decode(data, chunk, out.nbytes)).cast("B")
+        if result.nbytes != out.nbytes:
+            raise IntegrityError(
+                f"{chunk.item.fqn}: {self.get_descriptor()} decoded chunk {chunk.index} to {result.nbytes} bytes, "
+                f"expected {out.nbytes}"
+            )
+        out[:] = result
+
     # -- torch's StreamTransformExtension API -------------------------------------------
     @classmethod
     def registry_name(cls) -> str:  # type: ignore[override]

@@ -494,6 +494,14 @@ def _round_trip(t: dcpx.Transform, readers: _Readers, case: Case, inner: tuple[s
     out = _flat(decoded, f"{case.label}: decode")
     assert out.nbytes == case.size, f"{case.label}: decoded {out.nbytes} bytes, expected {case.size}"
     _same_bytes(bytes(out), raw, f"{case.label}: round trip through {text}")
+    # decode_into, as the pipeline calls it: into a slice of a larger buffer at an odd address
+    dest = bytearray(case.size + 3)
+    try:
+        readers.get(text).decode_into(memoryview(encoded), chunk, memoryview(dest)[1:1 + case.size])
+    except Exception as exc:
+        pytest.fail(f"{case.label}: decode_into of what encode wrote ({text}) raised {type(exc).__name__}: {exc}")
+    assert dest[0] == 0 and dest[-2:] == b"\0\0", f"{case.label}: decode_into wrote outside its buffer"
+    _same_bytes(bytes(dest[1:1 + case.size]), raw, f"{case.label}: decode_into through {text}")
 
 
 def _same_bytes(got: bytes, want: bytes, label: str) -> None:
@@ -507,15 +515,22 @@ def _same_bytes(got: bytes, want: bytes, label: str) -> None:
 
 
 def _expect_decode_error(reader: dcpx.Transform, data: bytes, chunk: Any, size: int, label: str) -> None:
-    try:
-        out = reader.decode(memoryview(data), chunk, size)
-    except dcpx.DcpxError as exc:
-        assert chunk.item.fqn in str(exc), f"{label}: the error does not name the item {chunk.item.fqn!r}: {exc}"
-        return
-    except Exception as exc:
-        pytest.fail(f"{label}: raised {type(exc).__name__}: {exc}; decode must raise a dcpx error "
-                    "(dcpx.IntegrityError / dcpx.CheckpointFormatError or a subclass)")
-    pytest.fail(f"{label}: decode returned {memoryview(out).nbytes} bytes instead of raising a dcpx error")
+    """Both ``decode`` and ``decode_into`` must refuse ``data`` with a dcpx error naming the item."""
+    calls = {
+        "decode": lambda: memoryview(reader.decode(memoryview(data), chunk, size)).nbytes,
+        "decode_into": lambda: reader.decode_into(memoryview(data), chunk, memoryview(bytearray(size))),
+    }
+    for name, call in calls.items():
+        try:
+            result = call()
+        except dcpx.DcpxError as exc:
+            assert chunk.item.fqn in str(exc), f"{label}: {name}: the error does not name the item {chunk.item.fqn!r}: {exc}"
+            continue
+        except Exception as exc:
+            pytest.fail(f"{label}: {name} raised {type(exc).__name__}: {exc}; it must raise a dcpx error "
+                        "(dcpx.IntegrityError / dcpx.CheckpointFormatError or a subclass)")
+        what = f"returned {result} bytes" if name == "decode" else "returned"
+        pytest.fail(f"{label}: {name} {what} instead of raising a dcpx error")
 
 
 def _edge_cases() -> list[Case]:

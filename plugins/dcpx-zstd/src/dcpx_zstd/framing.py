@@ -61,15 +61,22 @@ def encode(data: memoryview, layout: Layout, cctx: zstandard.ZstdCompressor, thr
     return b"".join((*header, *payloads, tail))
 
 
-def decode(data: memoryview, layout: Layout, size: int, where: str) -> bytes | bytearray | memoryview:
-    """Undo ``encode``; the result has exactly ``size`` bytes or an error names ``where``."""
+def decode(data: memoryview, layout: Layout, size: int, where: str,
+           out: np.ndarray | None = None) -> bytes | bytearray | memoryview:
+    """Undo ``encode``; the result has exactly ``size`` bytes or an error names ``where``.
+
+    With ``out`` (uint8, ``size`` bytes) the chunk is written there, and only once every
+    plane has decoded and passed its checks."""
     if len(data) < 1:
         raise dcpx.CheckpointFormatError(f"{where}: empty chunk (truncated?)")
     kind = data[0]
     if kind == STORED:
         if len(data) - 1 != size:
             raise dcpx.IntegrityError(f"{where}: stored chunk holds {len(data) - 1} bytes, expected {size}")
-        return bytes(data[1:])
+        if out is None:
+            return bytes(data[1:])
+        out[:] = np.frombuffer(data, dtype=np.uint8, offset=1)
+        return memoryview(out)
     if kind != PLANES:
         raise dcpx.CheckpointFormatError(f"{where}: unknown chunk kind {kind} (corrupt, or written by a newer dcpx-zstd)")
     n, tail_len = layout.words(size)
@@ -102,9 +109,10 @@ def decode(data: memoryview, layout: Layout, size: int, where: str) -> bytes | b
         else:
             raise dcpx.CheckpointFormatError(f"{where}: plane {k} has unknown codec {codec}")
     tail = data[pos:]
-    if layout.width == 1:
+    if layout.width == 1 and out is None:
         plane = planes[0]
         return plane if isinstance(plane, bytes) else bytes(plane)
-    out = np.empty(size, dtype=np.uint8)
+    if out is None:
+        out = np.empty(size, dtype=np.uint8)
     layout.join(planes, tail, out)
     return memoryview(out)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import IO, Mapping
 
+import numpy as np
 import torch
 
 import dcpx
@@ -119,11 +120,19 @@ class ZstdTransform(dcpx.Transform):
         return framing.encode(data, self._layout, compressor(self.level, self._entropy), self.raw_threshold)
 
     def decode(self, data: memoryview, chunk: ChunkInfo, size: int) -> bytes | bytearray | memoryview:
-        where = f"{self._text}: item {chunk.item.fqn!r} chunk {chunk.index}"
+        where = self._where(chunk)
         data = _bytes_view(data)
         if self.torch_format:
             return decompress_stream(data, size, where)
         return framing.decode(data, self._layout, size, where)
+
+    def decode_into(self, data: memoryview, chunk: ChunkInfo, out: memoryview) -> None:
+        if self.torch_format:
+            return super().decode_into(data, chunk, out)
+        framing.decode(_bytes_view(data), self._layout, out.nbytes, self._where(chunk), np.frombuffer(out, dtype=np.uint8))
+
+    def _where(self, chunk: ChunkInfo) -> str:
+        return f"{self._text}: item {chunk.item.fqn!r} chunk {chunk.index}"
 
     # -- torch's stream API ---------------------------------------------------------------
     def transform_to(self, output: IO[bytes]) -> IO[bytes]:
