@@ -1,7 +1,7 @@
 """``dcpx bench``: how fast each installed transform encodes and decodes on this machine.
 
 Every transform runs through the same chunk path the writer and reader use (``for_item``,
-then ``encode_chunk``/``decode_chunk``) on 4 MiB chunks of data shaped like trained
+then ``encode_chunk``/``decode_chunk`` into a destination buffer) on chunks of the writer's default size of data shaped like trained
 weights (normally distributed, small standard deviation) as float32 and bfloat16, on one
 thread and on every core.  A plain memory copy is measured alongside as the ceiling.
 The whole run fits in a time budget (default 20 s).
@@ -20,12 +20,12 @@ from typing import Any, Callable
 
 import torch
 
-from .pipeline import BoundChain, decode_chunk, default_workers, encode_chunk
+from .pipeline import DEFAULT_CHUNK_SIZE, BoundChain, decode_chunk, default_workers, encode_chunk
 from .plugins import host
 from .tensor_bytes import tensor_bytes
 from .transform import ChunkInfo, ItemInfo, Transform
 
-CHUNK_BYTES = 4 << 20
+CHUNK_BYTES = DEFAULT_CHUNK_SIZE
 DTYPES = (torch.float32, torch.bfloat16)
 DEFAULT_SECONDS = 20.0
 
@@ -137,9 +137,11 @@ def _codec_jobs(transform: Transform, name: str, dtype: torch.dtype, chunks: lis
         encode_chunk(bound, raws[k], infos[k])
         return size
 
+    outs = [memoryview(bytearray(size)) for _ in chunks]  # the destination tensor's memory, in a load
+
     def dec(k: int) -> int:
         e = encoded[k]
-        decode_chunk(bound, e.data, infos[k], e.layer_sizes)
+        decode_chunk(bound, e.data, infos[k], e.layer_sizes, out=outs[k])
         return size
 
     return enc, dec, ratio

@@ -19,7 +19,7 @@ from .errors import CheckpointFormatError, DcpxError, IntegrityError
 from .framing import FrameIndex, chunk_count
 from .transform import Buffer, ChunkInfo, ItemInfo, Transform
 
-DEFAULT_CHUNK_SIZE = 4 << 20
+DEFAULT_CHUNK_SIZE = 1 << 20
 
 
 def default_workers() -> int:
