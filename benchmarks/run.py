@@ -4,10 +4,12 @@ Builds a state dict of realistic shapes (hundreds of tensors from KiB to hundred
 fp32, bf16, fp16, int64; the trained all-MiniLM-L6-v2 weights when the package that ships
 them is installed), then measures for each configuration: save and load throughput (warm
 page cache, and cold where dropping caches is allowed), peak extra RSS during load and size
-on disk; plus the machine's own limits (sequential write+fsync, sequential read, memcpy).
-Prints ratios and writes docs/benchmarks.md.
+on disk; plus the machine's own limits (sequential write+fsync, sequential read, memcpy),
+each transform chain's standalone single-core speed on the same state dict, and a
+resharded read of one quarter of a 1 GiB compressed tensor.  Prints ratios and writes
+docs/benchmarks.md.
 
-    python benchmarks/run.py [--gib 1.0] [--repeat 1] [--out docs/benchmarks.md]
+    python benchmarks/run.py [--gib 1.0] [--repeat 2] [--out docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -19,12 +21,11 @@ import platform
 import shutil
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -32,12 +33,15 @@ from torch.distributed.checkpoint._extension import ZStandard
 
 import dcpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from codec_speed import CodecSpeed, codec_speed  # noqa: E402  (benchmark-local modules)
+from machine import MiB, PeakRSS, drop_caches, machine_limits  # noqa: E402
+from partial_read import SliceRead, quarter_reads  # noqa: E402
+
 warnings.filterwarnings("ignore")
-MiB = 1 << 20
 
 
 def trained_weights() -> dict[str, torch.Tensor]:
-    sys.path.insert(0, str(Path(__file__).parent))
     try:
         from zstd_codec import find_weights, load_weights
 
@@ -73,40 +77,6 @@ def build_state(total_bytes: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return state
 
 
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
-
-
-class PeakRSS:
-    """Samples this process's RSS on a thread; ``peak - start`` is the extra memory used."""
-
-    def __enter__(self) -> "PeakRSS":
-        self.start = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._t.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, self._rss())
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def disk_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
 
@@ -121,77 +91,56 @@ class Result:
     disk: int
 
 
-def machine_limits(directory: Path, nbytes: int) -> dict[str, float]:
-    buf = torch.empty(nbytes, dtype=torch.uint8).random_()
-    view = memoryview(buf.numpy())
-    path = directory / "limits.bin"
-    t0 = time.perf_counter()
-    with open(path, "wb") as f:
-        f.write(view)
-        f.flush()
-        os.fsync(f.fileno())
-    write = nbytes / (time.perf_counter() - t0)
-    out = torch.empty_like(buf)
-    t0 = time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
-        f.readinto(memoryview(out.numpy()))
-    warm = nbytes / (time.perf_counter() - t0)
-    cold = None
-    if drop_caches():
-        t0 = time.perf_counter()
-        with open(path, "rb", buffering=0) as f:
-            f.readinto(memoryview(out.numpy()))
-        cold = nbytes / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    out.copy_(buf)
-    memcpy = nbytes / (time.perf_counter() - t0)
-    path.unlink()
-    return {"write+fsync": write, "read warm": warm, "read cold": cold or float("nan"), "memcpy": memcpy}
-
-
 def run_config(name: str, state: dict[str, torch.Tensor], directory: Path,
-               writer: Callable[[Path], Any], reader: Callable[[Path], Any]) -> Result:
+               writer: Callable[[Path], Any], reader: Callable[[Path], Any], repeat: int) -> Result:
+    """Best of ``repeat`` saves and loads (fastest time, largest RSS); every load is checked."""
     path = directory / name.replace(" ", "_").replace("+", "_")
-    shutil.rmtree(path, ignore_errors=True)
-    gc.collect()
-    t0 = time.perf_counter()
-    dcp.save(state, storage_writer=writer(path))
-    save_s = time.perf_counter() - t0
     target = {k: torch.zeros_like(v) for k, v in state.items()}  # touched: RSS counts only extra memory
-    gc.collect()
-    with PeakRSS() as rss:
+    saves, warms, colds, rss_extra, disk = [], [], [], 0, 0
+    for _ in range(repeat):
+        shutil.rmtree(path, ignore_errors=True)
+        gc.collect()
         t0 = time.perf_counter()
-        dcp.load(target, storage_reader=reader(path))
-        warm = time.perf_counter() - t0
-    for k, v in state.items():
-        if not torch.equal(v, target[k]):
-            raise SystemExit(f"{name}: {k} did not round-trip")
-    cold = None
-    if drop_caches():
-        t0 = time.perf_counter()
-        dcp.load(target, storage_reader=reader(path))
-        cold = time.perf_counter() - t0
-    result = Result(name, save_s, warm, cold, rss.peak - rss.start, disk_bytes(path))
+        dcp.save(state, storage_writer=writer(path))
+        saves.append(time.perf_counter() - t0)
+        disk = disk_bytes(path)
+        for t in target.values():
+            t.zero_()
+        gc.collect()
+        with PeakRSS() as rss:
+            t0 = time.perf_counter()
+            dcp.load(target, storage_reader=reader(path))
+            warms.append(time.perf_counter() - t0)
+        rss_extra = max(rss_extra, rss.peak - rss.start)
+        for k, v in state.items():
+            if not torch.equal(v, target[k]):
+                raise SystemExit(f"{name}: {k} did not round-trip")
+        if drop_caches():
+            t0 = time.perf_counter()
+            dcp.load(target, storage_reader=reader(path))
+            colds.append(time.perf_counter() - t0)
     shutil.rmtree(path, ignore_errors=True)
-    return result
+    return Result(name, min(saves), min(warms), min(colds) if colds else None, rss_extra, disk)
 
 
-def configs() -> list[tuple[str, Callable[[Path], Any], Callable[[Path], Any]]]:
+def configs() -> list[tuple[str, tuple[str, ...] | None, Callable[[Path], Any], Callable[[Path], Any]]]:
+    """(name, dcpx transform chain or None for stock, writer factory, reader factory)."""
     installed = {r.name for r in dcpx.plugin_host().registrations()}
-    out = [
-        ("stock DCP", lambda p: dcp.FileSystemWriter(p), lambda p: dcp.FileSystemReader(p)),
-        ("stock DCP thread_count=2", lambda p: dcp.FileSystemWriter(p, thread_count=2), lambda p: dcp.FileSystemReader(p)),
-        ("stock DCP + ZStandard", lambda p: dcp.FileSystemWriter(p, _extensions=[ZStandard()]), lambda p: dcp.FileSystemReader(p)),
-        ("dcpx", lambda p: dcpx.FileSystemWriter(p), lambda p: dcpx.FileSystemReader(p)),
-        ("dcpx zstd", lambda p: dcpx.FileSystemWriter(p, transforms=["zstd"]), lambda p: dcpx.FileSystemReader(p)),
+    out: list[tuple[str, tuple[str, ...] | None, Callable[[Path], Any], Callable[[Path], Any]]] = [
+        ("stock DCP", None, lambda p: dcp.FileSystemWriter(p), lambda p: dcp.FileSystemReader(p)),
+        ("stock DCP thread_count=2", None, lambda p: dcp.FileSystemWriter(p, thread_count=2),
+         lambda p: dcp.FileSystemReader(p)),
+        ("stock DCP + ZStandard", None, lambda p: dcp.FileSystemWriter(p, _extensions=[ZStandard()]),
+         lambda p: dcp.FileSystemReader(p)),
+        ("dcpx", (), lambda p: dcpx.FileSystemWriter(p), lambda p: dcpx.FileSystemReader(p)),
     ]
+    chains: list[tuple[str, ...]] = [("zstd",)]
     if {"stream.encrypt@dcpx", "stream.checksum@dcpx"} <= installed:
         os.environ.setdefault("DCPX_ENCRYPT_KEY", __import__("base64").b64encode(os.urandom(32)).decode())
-        out.append(("dcpx zstd+encrypt",
-                    lambda p: dcpx.FileSystemWriter(p, transforms=["zstd", "encrypt"]),
-                    lambda p: dcpx.FileSystemReader(p)))
-        out.append(("dcpx zstd+encrypt+checksum",
-                    lambda p: dcpx.FileSystemWriter(p, transforms=["zstd", "encrypt", "checksum"]),
+        chains += [("zstd", "encrypt"), ("zstd", "encrypt", "checksum")]
+    for chain in chains:
+        out.append(("dcpx " + "+".join(chain), chain,
+                    lambda p, c=chain: dcpx.FileSystemWriter(p, transforms=list(c)),
                     lambda p: dcpx.FileSystemReader(p)))
     return out
 
@@ -199,62 +148,132 @@ def configs() -> list[tuple[str, Callable[[Path], Any], Callable[[Path], Any]]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gib", type=float, default=1.0)
+    ap.add_argument("--repeat", type=int, default=2, help="rounds per configuration; the best is reported")
     ap.add_argument("--dir", default=None, help="where to write checkpoints (default: a temp dir)")
+    ap.add_argument("--only", default="", help="comma-separated names to run (e.g. 'ZStandard,dcpx zstd'); "
+                    "a partial run prints its rows but writes no report")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"))
     args = ap.parse_args()
     total = int(args.gib * (1 << 30))
     directory = Path(args.dir or tempfile.mkdtemp(prefix="dcpx-bench-"))
     state = build_state(total)
-    nbytes = sum(t.nbytes for t in state.values())
-    print(f"state dict: {len(state)} tensors, {nbytes / MiB:.0f} MiB; dir {directory}; {os.cpu_count()} cores")
-    limits = machine_limits(directory, min(nbytes, 512 * MiB))
-    print("machine: " + ", ".join(f"{k} {v / 1e9:.2f} GB/s" for k, v in limits.items()))
-    results = []
-    for name, w, r in configs():
-        res = run_config(name, state, directory, w, r)
+    nbytes, tensors = sum(t.nbytes for t in state.values()), len(state)
+    cores = dcpx.pipeline.default_workers()
+    print(f"state dict: {len(state)} tensors, {nbytes / MiB:.0f} MiB; dir {directory}; {cores} cores", flush=True)
+    limits = machine_limits(directory, min(nbytes, 512 * MiB), repeat=args.repeat)
+    print("machine: " + ", ".join(f"{k} {v / 1e9:.2f} GB/s" for k, v in limits.items()), flush=True)
+    results, codecs = [], {}
+    wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+    chosen = [c for c in configs() if not wanted or any(c[0] == w for w in wanted)]
+    for name, chain, w, r in chosen:
+        if chain:
+            codecs[name] = speed = codec_speed(state, chain)
+            print(f"{'  one core':<28} encode {speed.encode_bps / 1e9:6.2f} GB/s  decode {speed.decode_bps / 1e9:6.2f} GB/s"
+                  f"  ({'+'.join(chain)}, CPU time)", flush=True)
+        res = run_config(name, state, directory, w, r, args.repeat)
         results.append(res)
         print(f"{name:<28} save {nbytes / res.save_s / 1e9:6.2f} GB/s  load {nbytes / res.load_warm_s / 1e9:6.2f} GB/s"
               f"  cold {nbytes / res.load_cold_s / 1e9 if res.load_cold_s else float('nan'):6.2f} GB/s"
               f"  extra RSS {res.rss_extra / nbytes:5.3f}x  disk {res.disk / nbytes:5.3f}x", flush=True)
-    write_report(Path(args.out), state, nbytes, limits, results)
+    del state
+    gc.collect()
+    if wanted:
+        shutil.rmtree(directory, ignore_errors=True)
+        return
+    slices = quarter_reads(directory, args.gib)
+    for s in slices:
+        print(f"{s.name:<28} quarter read: {s.part_read / s.stored:.3f} of the stored bytes in {s.part_s:.2f} s "
+              f"(full read {s.full_read / s.stored:.3f} in {s.full_s:.2f} s)", flush=True)
+    write_report(Path(args.out), tensors, nbytes, cores, limits, results, codecs, slices, args)
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def write_report(out: Path, state: dict, nbytes: int, limits: dict[str, float], results: list[Result]) -> None:
+def _gbps(nbytes: int, seconds: float | None) -> str:
+    return f"{nbytes / seconds / 1e9:.2f}" if seconds else ""
+
+
+def write_report(out: Path, tensors: int, nbytes: int, cores: int, limits: dict[str, float], results: Sequence[Result],
+                 codecs: dict[str, CodecSpeed], slices: Sequence[SliceRead], args: argparse.Namespace) -> None:
     base = {r.name: r for r in results}
     stock, stock_z = base["stock DCP"], base["stock DCP + ZStandard"]
     lines = [
         "# Benchmarks: dcpx vs stock DCP (one run, same machine)",
         "",
-        f"Produced by `make bench` (`benchmarks/run.py`) on {platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}: {len(state)} tensors, {nbytes / MiB:.0f} MiB. Throughput is raw state-dict bytes "
-        "per second; \"cold\" drops the page cache first (blank where the machine does not allow it).",
+        f"Produced by `make bench` (`benchmarks/run.py --gib {args.gib:g} --repeat {args.repeat}`) on "
+        f"{platform.machine()}, {cores} cores, torch {torch.__version__}: {tensors} tensors, {nbytes / MiB:.0f} MiB. "
+        "Throughput is raw state-dict bytes per second, best of the rounds; \"cold\" drops the page cache first "
+        "(blank where the machine does not allow it).",
         "",
-        "Machine limits: " + ", ".join(f"{k} {v / 1e9:.2f} GB/s" for k, v in limits.items()),
+        "## Machine limits",
         "",
-        "| configuration | save GB/s | load warm GB/s | load cold GB/s | save × stock | load × stock | vs stock+ZStandard (save / load) | load extra RSS × size | disk × size |",
+        "| write+fsync | read cold | read warm (page cache) | memcpy |",
+        "| ---: | ---: | ---: | ---: |",
+        "| " + " | ".join(f"{limits[k] / 1e9:.2f} GB/s" for k in ("write+fsync", "read cold", "read warm", "memcpy")) + " |",
+        "",
+        "## Save and load",
+        "",
+        "| configuration | save GB/s | load warm GB/s | load cold GB/s | save × stock | load × stock "
+        "| vs stock+ZStandard (save / load) | load extra RSS × size | disk × size |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
-        cold = f"{nbytes / r.load_cold_s / 1e9:.2f}" if r.load_cold_s else ""
         lines.append(
-            f"| {r.name} | {nbytes / r.save_s / 1e9:.2f} | {nbytes / r.load_warm_s / 1e9:.2f} | {cold} | "
+            f"| {r.name} | {_gbps(nbytes, r.save_s)} | {_gbps(nbytes, r.load_warm_s)} | {_gbps(nbytes, r.load_cold_s)} | "
             f"{stock.save_s / r.save_s:.2f} | {stock.load_warm_s / r.load_warm_s:.2f} | "
             f"{stock_z.save_s / r.save_s:.2f} / {stock_z.load_warm_s / r.load_warm_s:.2f} | "
             f"{r.rss_extra / nbytes:.3f} | {r.disk / nbytes:.3f} |"
         )
-    lines.append("")
-    for name, base_name in (("dcpx zstd+encrypt", "dcpx zstd"), ("dcpx zstd+encrypt+checksum", "dcpx zstd+encrypt"),
-                            ("dcpx zstd+encrypt+checksum", "dcpx zstd")):
-        if name in base and base_name in base:
-            a, b = base[name], base[base_name]
-            lines.append(f"{name} vs {base_name}: save {b.save_s / a.save_s:.2f}×, load {b.load_warm_s / a.load_warm_s:.2f}×  ")
-    dcpx_raw = base["dcpx"]
+    raw = base["dcpx"]
     lines += [
         "",
-        f"dcpx without transforms: save {nbytes / dcpx_raw.save_s / limits['write+fsync']:.2f}× sequential write+fsync, "
-        f"warm load {nbytes / dcpx_raw.load_warm_s / limits['read warm']:.2f}× page-cache read.",
+        "## Against the machine",
+        "",
+        f"* dcpx without transforms: save {nbytes / raw.save_s / limits['write+fsync']:.2f}× sequential write+fsync; "
+        f"cold load {nbytes / raw.load_cold_s / limits['read cold'] if raw.load_cold_s else float('nan'):.2f}× "
+        f"cold sequential read; warm load {nbytes / raw.load_warm_s / limits['read warm']:.2f}× page-cache read "
+        f"(stock DCP: {nbytes / stock.save_s / limits['write+fsync']:.2f}×, "
+        f"{nbytes / stock.load_cold_s / limits['read cold'] if stock.load_cold_s else float('nan'):.2f}×, "
+        f"{nbytes / stock.load_warm_s / limits['read warm']:.2f}×).",
     ]
+    for name, base_name in (("dcpx zstd+encrypt", "dcpx zstd"), ("dcpx zstd+encrypt+checksum", "dcpx zstd")):
+        if name in base and base_name in base:
+            a, b = base[name], base[base_name]
+            lines.append(f"* {name} vs {base_name}: save {b.save_s / a.save_s:.2f}×, load {b.load_warm_s / a.load_warm_s:.2f}×.")
+    if codecs:
+        lines += [
+            "",
+            "## Against the codecs",
+            "",
+            f"Each chain's standalone speed: every chunk of the same state dict encoded and decoded on one core (CPU "
+            f"time, no I/O). The pipeline's ceiling is that speed × {cores} cores, or what the disk allows for the "
+            "stored bytes (write+fsync ÷ stored fraction), whichever is lower.",
+            "",
+            "| chain | encode GB/s (1 core) | decode GB/s (1 core) | save ÷ (encode × cores) | save ÷ ceiling "
+            "| load warm ÷ (decode × cores) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for name, c in codecs.items():
+            r = base[name]
+            save = nbytes / r.save_s
+            disk_ceiling = limits["write+fsync"] * nbytes / r.disk
+            lines.append(f"| {'+'.join(c.chain)} | {c.encode_bps / 1e9:.2f} | {c.decode_bps / 1e9:.2f} | "
+                         f"{save / (c.encode_bps * cores):.2f} | {save / min(disk_ceiling, c.encode_bps * cores):.2f} | "
+                         f"{nbytes / r.load_warm_s / (c.decode_bps * cores):.2f} |")
+    if slices:
+        lines += [
+            "",
+            f"## Resharded read: one quarter of a {args.gib:g} GiB compressed tensor",
+            "",
+            f"A bf16 tensor of {args.gib:g} GiB saved alone (4 MiB chunks for dcpx); the storage reader is asked for a quarter of its rows, not aligned "
+            "to chunks, exactly as a 4-way reshard asks. \"read\" is what the process pulled from the files "
+            "(`rchar`), as a fraction of the tensor's stored bytes.",
+            "",
+            "| configuration | rows asked | full read: read / s | quarter: read / s | quarter ÷ full time |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for s in slices:
+            lines.append(f"| {s.name} | {s.part_fraction:.3f} | {s.full_read / s.stored:.3f} / {s.full_s:.2f} | "
+                         f"{s.part_read / s.stored:.3f} / {s.part_s:.2f} | {s.part_s / s.full_s:.2f} |")
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
 
