@@ -208,7 +208,10 @@ def write_report(out: Path, tensors: int, nbytes: int, cores: int, limits: dict[
         f"Produced by `make bench` (`benchmarks/run.py --gib {args.gib:g} --repeat {args.repeat}`) on "
         f"{platform.machine()}, {cores} cores, torch {torch.__version__}: {tensors} tensors, {nbytes / MiB:.0f} MiB. "
         "Throughput is raw state-dict bytes per second, best of the rounds; \"cold\" drops the page cache first "
-        "(blank where the machine does not allow it).",
+        "(blank where the machine does not allow it). Codec-level comparisons (dcpx-zstd against plain zstd and "
+        "ZipNN on trained weights) are in [benchmarks-zstd.md](benchmarks-zstd.md), encryption in "
+        "[benchmarks-encrypt.md](benchmarks-encrypt.md), checksums in [benchmarks-checksum.md](benchmarks-checksum.md); "
+        "where the time goes in [performance.md](performance.md).",
         "",
         "## Machine limits",
         "",
