@@ -219,17 +219,22 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         window = OrderedWindow(pool, max(4 * self.workers * self.chunk_size, self.per_thread_copy_ahead))
         results: list[WriteResult] = []
         with open(path, "wb") as f:
+            flush = commit.BackgroundFlush(f, self.sync_files)
             try:
                 for tag, value in _chain(
                     (w for item in items for job in self._item_jobs(item, planner, checkpoint_id, name) for w in window.submit(*job)),
                     window.drain(),
                 ):
                     result = tag(f, value)
+                    flush.wrote()
                     if result is not None:
                         results.append(result)
             except BaseException:
                 window.cancel()
                 raise
+            finally:
+                flush.stop()
+            flush.check()
             if self.sync_files:
                 f.flush()
                 os.fsync(f.fileno())
