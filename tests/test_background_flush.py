@@ -68,5 +68,5 @@ def test_background_flush_error_is_raised() -> None:
         else:
             pytest.fail("the background fdatasync error was never reported")
         flush.stop()
-        with pytest.raises(OSError):
+        with pytest.raises(OSError, match=f"writing {os.devnull} to disk failed"):
             flush.check()

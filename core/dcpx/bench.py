@@ -1,9 +1,9 @@
 """``dcpx bench``: how fast each installed transform encodes and decodes on this machine.
 
 Every transform runs through the same chunk path the writer and reader use (``for_item``,
-then ``encode_chunk``/``decode_chunk`` into a destination buffer) on chunks of the writer's default size of data shaped like trained
-weights (normally distributed, small standard deviation) as float32 and bfloat16, on one
-thread and on every core.  A plain memory copy is measured alongside as the ceiling.
+then ``encode_chunk``/``decode_chunk`` into a destination buffer) on chunks of the
+writer's default size, of data shaped like trained weights (normally distributed, small
+standard deviation) as float32 and bfloat16, on one thread and on every core.  A plain memory copy is measured alongside as the ceiling.
 The whole run fits in a time budget (default 20 s).
 """
 

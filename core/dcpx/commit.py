@@ -90,9 +90,10 @@ class BackgroundFlush:
             self._thread.join()
 
     def check(self) -> None:
-        """Raise the error a background flush saw, if any."""
+        """Raise the error a background flush saw, if any, naming the file."""
         if self._error is not None:
-            raise self._error
+            exc = self._error
+            raise OSError(exc.errno, f"writing {self._f.name} to disk failed: {exc.strerror}") from exc
 
 
 class SaveLock:
