@@ -90,6 +90,35 @@ def test_round_trip_sizes(size: int) -> None:
     assert open_(blob, info) == data
 
 
+def test_decode_into_writes_the_destination_in_place() -> None:
+    data = payload(3 * SEG + 5)
+    info = chunk(len(data))
+    blob = seal(data, info)
+    t = EncryptTransform(keys={"k1": KEY}, segment_size=SEG)
+    out = bytearray(b"\xee" * len(data))
+    t.decode_into(memoryview(blob), info, memoryview(out))
+    assert out == data
+    with pytest.raises(SizeMismatchError, match="model.w"):  # checked before anything is written
+        t.decode_into(memoryview(blob), info, memoryview(bytearray(len(data) - 1)))
+
+
+def test_decode_into_leaves_no_unauthenticated_plaintext() -> None:
+    """AES-GCM writes a segment before it checks the tag: a tampered segment must end up
+    zeroed in the caller's buffer, the segments before it intact."""
+    data = payload(3 * SEG)
+    info = chunk(len(data))
+    blob = bytearray(seal(data, info))
+    _, spans = layout(bytes(blob))
+    blob[spans[1][1] - 1] ^= 1  # the second segment's tag
+    t = EncryptTransform(keys={"k1": KEY}, segment_size=SEG)
+    out = bytearray(b"\xee" * len(data))
+    with pytest.raises(SegmentAuthenticationError, match="model.w"):
+        t.decode_into(memoryview(bytes(blob)), info, memoryview(out))
+    assert out[:SEG] == data[:SEG]
+    assert out[SEG:2 * SEG] == bytes(SEG)
+    assert out[2 * SEG:] == b"\xee" * SEG  # never reached
+
+
 def test_default_segment_size_and_typed_views() -> None:
     t = dcpx.transform("encrypt", keys={"k1": KEY})
     assert isinstance(t, EncryptTransform) and t.segment_size == 1 << 20

@@ -314,11 +314,15 @@ def open_envelope(
     ctx: Context,
     get_key: Callable[[str], bytes],
     check: Callable[[Header], None] | None = None,
+    out: memoryview | None = None,
 ) -> memoryview:
-    """Verify and decrypt one envelope into a new buffer of exactly ``size`` bytes.
+    """Verify and decrypt one envelope into ``out`` (exactly ``size`` bytes, format "B"),
+    or into a new buffer when ``out`` is None.
 
     Every structural check and the key commitment come before the output is allocated or
-    any segment is decrypted."""
+    any segment is decrypted.  A segment that fails authentication is zeroed in the
+    output before the error is raised: AES-GCM writes its plaintext before it checks
+    the tag, and unauthenticated bytes must not be left in a caller's tensor."""
     header = parse_header(data, ctx)
     if check is not None:
         check(header)
@@ -326,7 +330,9 @@ def open_envelope(
     d = derive(get_key(header.key_id), header.prefix, header.salt, ctx)
     verify(header, d, ctx)
     aead = AESGCM(d.aead_key)
-    view = _output(size)  # every byte is written below, or the buffer is dropped with an error
+    if out is not None and out.nbytes != size:
+        raise ValueError(f"{ctx.where}: output buffer has {out.nbytes} bytes, the envelope holds {size}")
+    view = _output(size) if out is None else out  # every byte is written below, or an error is raised
     seg, count = header.segment_size, header.segment_count
     pos = header.size
     for i in range(count):
@@ -340,6 +346,7 @@ def open_envelope(
             else:
                 view[start:stop] = aead.decrypt(nonce(i, i == count - 1), sealed, None)
         except InvalidTag:
+            view[start:stop] = bytes(stop - start)
             raise _diagnose(aead, sealed, i, count, ctx, header.key_id) from None
         pos = end
     return view

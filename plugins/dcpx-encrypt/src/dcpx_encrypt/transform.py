@@ -115,6 +115,15 @@ class EncryptTransform(dcpx.Transform):
             _bytes_view(data), size, ctx, lambda kid: self.keyring.get(kid, ctx.fqn), self._consistent(ctx)
         )
 
+    def decode_into(self, data: memoryview, chunk: ChunkInfo, out: memoryview) -> None:
+        """Decrypt straight into the destination: all header checks and the key commitment
+        run before the first byte is written, as ``decode_into`` requires."""
+        ctx = Context.from_chunk(chunk)
+        envelope.open_envelope(
+            _bytes_view(data), out.nbytes, ctx, lambda kid: self.keyring.get(kid, ctx.fqn), self._consistent(ctx),
+            out=_bytes_view(out),
+        )
+
     def _consistent(self, ctx: Context) -> Callable[[Header], None] | None:
         """On the read side, the header must agree with the item's descriptor."""
         recorded = self._recorded_key_id
