@@ -37,7 +37,18 @@ class CodecSpeed:
         return self.raw / self.decode_s
 
 
-def codec_speed(state: dict[str, torch.Tensor], chain: tuple[str, ...], chunk_size: int = DEFAULT_CHUNK_SIZE) -> CodecSpeed:
+def codec_speed(state: dict[str, torch.Tensor], chain: tuple[str, ...], chunk_size: int = DEFAULT_CHUNK_SIZE,
+                repeat: int = 1) -> CodecSpeed:
+    """The best of ``repeat`` passes (encode and decode times each at their minimum), as the
+    pipeline figures it is compared with are best-of-N."""
+    runs = [_one_pass(state, chain, chunk_size) for _ in range(max(1, repeat))]
+    best = runs[0]
+    best.encode_s = min(r.encode_s for r in runs)
+    best.decode_s = min(r.decode_s for r in runs)
+    return best
+
+
+def _one_pass(state: dict[str, torch.Tensor], chain: tuple[str, ...], chunk_size: int) -> CodecSpeed:
     """Encode then decode every chunk of ``state`` through ``chain`` on this thread; checks
     each round trip bit for bit (outside the timed calls)."""
     transforms = [dcpx.transform(name) for name in chain]

@@ -167,7 +167,7 @@ def main() -> None:
     chosen = [c for c in configs() if not wanted or any(c[0] == w for w in wanted)]
     for name, chain, w, r in chosen:
         if chain:
-            codecs[name] = speed = codec_speed(state, chain)
+            codecs[name] = speed = codec_speed(state, chain, repeat=args.repeat)
             print(f"{'  one core':<28} encode {speed.encode_bps / 1e9:6.2f} GB/s  decode {speed.decode_bps / 1e9:6.2f} GB/s"
                   f"  ({'+'.join(chain)}, CPU time)", flush=True)
         res = run_config(name, state, directory, w, r, args.repeat)
@@ -178,7 +178,7 @@ def main() -> None:
     if not wanted:  # each remaining codec alone, for the codec table
         for chain in (("encrypt",), ("checksum",)):
             if f"dcpx {chain[0]}" not in codecs and any(chain[0] in (c or ()) for _, c, _, _ in chosen):
-                codecs[f"dcpx {chain[0]}"] = speed = codec_speed(state, chain)
+                codecs[f"dcpx {chain[0]}"] = speed = codec_speed(state, chain, repeat=args.repeat)
                 print(f"{'  one core':<28} encode {speed.encode_bps / 1e9:6.2f} GB/s  decode {speed.decode_bps / 1e9:6.2f} GB/s"
                       f"  ({chain[0]} alone, CPU time)", flush=True)
     del state
@@ -254,7 +254,7 @@ def write_report(out: Path, tensors: int, nbytes: int, cores: int, limits: dict[
             "## Against the codecs",
             "",
             f"Each chain's standalone speed: every chunk of the same state dict encoded and decoded on one core (CPU "
-            f"time, no I/O). The pipeline's ceiling is that speed × {cores} cores, or what the disk allows for the "
+            f"time, no I/O; best of {args.repeat} passes, like the pipeline figures). The pipeline's ceiling is that speed × {cores} cores, or what the disk allows for the "
             "stored bytes (write+fsync ÷ stored fraction), whichever is lower.",
             "",
             "| chain | encode GB/s (1 core) | decode GB/s (1 core) | save ÷ (encode × cores) | save ÷ ceiling "
