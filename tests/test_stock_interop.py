@@ -120,6 +120,27 @@ def test_compat_refuses_what_stock_cannot_read(toys: Any, tmp_path: Path) -> Non
         dcpx.FileSystemWriter(tmp_path, compat=True, transforms=["zstd", "rev"])
 
 
+@pytest.mark.parametrize("where", ["transforms", "_extensions"])
+def test_compat_writes_a_user_torch_extension_as_stock_does(tmp_path: Path, where: str) -> None:
+    """A user's torch ``StreamTransformExtension`` is torch's own format: in compat mode it is
+    written exactly as stock torch writes it, and a stock reader given the same extension
+    registry stock torch needs loads it."""
+    from torch.distributed.checkpoint._extension import ExtensionRegistry
+
+    sd = state()
+    expected = copy.deepcopy(sd)
+    dcp.save(sd, storage_writer=dcpx.FileSystemWriter(tmp_path, compat=True, **{where: [BitFlip()]}))
+    items = storage_items(dcpx.reader.load_metadata(str(tmp_path))[0])
+    assert items["w"].transform_descriptors == ["stream.bitflip@user/1"]
+    registry = ExtensionRegistry()
+    registry.register(BitFlip)
+    for reader in (dcp.FileSystemReader(tmp_path, _extension_registry=registry),
+                   dcpx.FileSystemReader(tmp_path, _extension_registry=registry)):
+        dest = blank(sd)
+        dcp.load(dest, storage_reader=reader)
+        assert_same(dest, expected)
+
+
 @pytest.mark.parametrize("transforms", [None, ["zstd"]], ids=["raw", "zstd"])
 def test_stock_reader_refuses_default_dcpx_output(tmp_path: Path, transforms: list[str] | None) -> None:
     sd = {"w": torch.randn(10, 10), "n": 3}

@@ -235,10 +235,9 @@ class TorchStreamTransform(Transform):
         return TorchStreamTransform(type(self.extension).from_descriptor(version))
 
     def torch_compatible(self) -> StreamTransformExtension | None:
-        from torch.distributed.checkpoint._extension import ExtensionRegistry
-
-        known = ExtensionRegistry().extensions
-        return self.extension if self.extension.registry_name() in known else None
+        """The extension itself: compat mode writes it exactly as stock torch would, and a
+        stock reader loads it given the same ``_extension_registry`` stock torch needs."""
+        return self.extension
 
     def encode(self, data: memoryview, chunk: ChunkInfo) -> Buffer:
         sink = _Sink()
