@@ -252,3 +252,32 @@ def test_reader_accepts_torch_extension_registry(tmp_path):
         assert torch.equal(out["w"], state["w"]) and torch.equal(out["n"], state["n"])
     with pytest.raises(dcpx.UnknownTransformError, match="stream.bitflip@user"):
         dcpx.load({"w": torch.zeros(16, 8), "n": torch.zeros(5, dtype=torch.long)}, tmp_path / "flip")
+
+
+def test_metadata_with_the_legacy_sharded_tensor_properties_loads(tmp_path: Path) -> None:
+    """Checkpoints from the sharded-tensor era name ``_shard.sharded_tensor.metadata``'s
+    TensorProperties in ``.metadata``; the allow-list admits that data-only class."""
+    from unittest import mock
+
+    from torch.distributed._shard.sharded_tensor.metadata import TensorProperties as Legacy
+
+    sd = {"a": torch.randn(4, 4)}
+    with mock.patch("torch.distributed.checkpoint.metadata.TensorProperties", Legacy):
+        dcp.save(sd, storage_writer=dcp.FileSystemWriter(tmp_path))
+    assert b"sharded_tensor.metadata" in (tmp_path / ".metadata").read_bytes()
+    dest = {"a": torch.zeros(4, 4)}
+    dcp.load(dest, storage_reader=dcpx.FileSystemReader(tmp_path))
+    assert torch.equal(dest["a"], sd["a"])
+
+
+def test_storage_meta_names_checkpoint_save_and_load(tmp_path: Path) -> None:
+    writer = dcpx.FileSystemWriter(tmp_path)
+    dcp.save({"a": torch.zeros(4, 4)}, storage_writer=writer)
+    reader = dcpx.FileSystemReader(tmp_path)
+    meta = reader.read_metadata().storage_meta
+    assert str(meta.checkpoint_id) == str(tmp_path)
+    assert meta.save_id == writer.save_id
+    assert meta.load_id == reader.load_id
+    first = reader.load_id
+    reader.reset()
+    assert reader.load_id != first  # each load gets its own id, as with stock torch

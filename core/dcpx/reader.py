@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
@@ -74,12 +75,14 @@ class FileSystemReader(StorageReader):
         self.metadata_error: DcpxError | None = None
         self.rank: int | None = None
         self.use_collectives = True
+        self.load_id = str(uuid.uuid4())  # as stock torch: identifies this load in StorageMeta
 
     # -- StorageReader protocol ---------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         self.storage_data = {}
         self.metadata = None
         self.metadata_error = None
+        self.load_id = str(uuid.uuid4())
         if checkpoint_id:
             self.path = os.fspath(checkpoint_id)
 
@@ -115,6 +118,7 @@ class FileSystemReader(StorageReader):
             raise
         if metadata.storage_meta is None:
             metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
         return metadata
 
     def _authenticate_manifest(self, metadata: Metadata, data: bytes) -> None:

@@ -31,6 +31,9 @@ _ALLOWED: set[tuple[str, str]] = {
         "_MEM_FORMAT_ENCODING",
     )
 } | {
+    # older checkpoints carry the sharded-tensor era's TensorProperties (data only)
+    ("torch.distributed._shard.sharded_tensor.metadata", "TensorProperties"),
+    ("torch.distributed._shard.sharded_tensor.metadata", "MEM_FORMAT_ENCODING"),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch.distributed.checkpoint.filesystem", "_StoragePrefix"),
     ("torch", "Size"),
