@@ -110,18 +110,17 @@ class EncryptTransform(dcpx.Transform):
         return envelope.seal(key, key_id, self.segment_size, view, ctx)
 
     def decode(self, data: memoryview, chunk: ChunkInfo, size: int) -> memoryview:
-        ctx = Context.from_chunk(chunk)
-        return envelope.open_envelope(
-            _bytes_view(data), size, ctx, lambda kid: self.keyring.get(kid, ctx.fqn), self._consistent(ctx)
-        )
+        return self._open(data, chunk, size, None)
 
     def decode_into(self, data: memoryview, chunk: ChunkInfo, out: memoryview) -> None:
         """Decrypt straight into the destination: all header checks and the key commitment
         run before the first byte is written, as ``decode_into`` requires."""
+        self._open(data, chunk, out.nbytes, _bytes_view(out))
+
+    def _open(self, data: memoryview, chunk: ChunkInfo, size: int, out: memoryview | None) -> memoryview:
         ctx = Context.from_chunk(chunk)
-        envelope.open_envelope(
-            _bytes_view(data), out.nbytes, ctx, lambda kid: self.keyring.get(kid, ctx.fqn), self._consistent(ctx),
-            out=_bytes_view(out),
+        return envelope.open_envelope(
+            _bytes_view(data), size, ctx, lambda kid: self.keyring.get(kid, ctx.fqn), self._consistent(ctx), out=out
         )
 
     def _consistent(self, ctx: Context) -> Callable[[Header], None] | None:
