@@ -465,6 +465,41 @@ def test_non_tensor_entry_with_gadget(tmp_path: Path, watchdog: dict[str, bool],
     assert not sentinel.exists()
 
 
+
+@pytest.mark.parametrize("compat", [False, True], ids=["dcpx", "compat"])
+def test_gadget_refused_by_the_reader_under_torchs_default_planner(tmp_path: Path, compat: bool) -> None:
+    """torch's DefaultLoadPlanner unpickles non-tensor entries with weights_only=False; the
+    reader refuses the entry before the planner sees it, whatever the planner."""
+    sentinel = tmp_path / "pwned-default-planner"
+    path = tmp_path / "ckpt"
+    dcp.save({"w": torch.ones(3), "evil": Gadget(str(sentinel))}, storage_writer=dcpx.FileSystemWriter(path, compat=compat))
+    with pytest.raises(CheckpointException) as info:
+        dcp.load({"w": torch.zeros(3), "evil": None}, storage_reader=dcpx.FileSystemReader(path))
+    failures = [f[0] if isinstance(f, tuple) else f for f in info.value.failures.values()]
+    assert any(isinstance(f, dcpx.UnsafeCheckpointError) and "evil" in str(f) and "posix.mkdir" in str(f)
+               for f in failures), failures
+    assert not sentinel.exists()
+
+
+class UserConfig:
+    """A plain user class in a state dict: not loadable with weights_only=True unless allowed."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+
+
+def test_user_classes_load_when_allowed_or_trusted(tmp_path: Path) -> None:
+    dcpx.save({"cfg": UserConfig(0.5)}, tmp_path)
+    with pytest.raises(CheckpointException):
+        dcp.load({"cfg": None}, storage_reader=dcpx.FileSystemReader(tmp_path))
+    with torch.serialization.safe_globals([UserConfig]):  # torch's own allow-list mechanism
+        dest: dict[str, Any] = {"cfg": None}
+        dcp.load(dest, storage_reader=dcpx.FileSystemReader(tmp_path))
+        assert dest["cfg"].lr == 0.5
+    dest = {"cfg": None}
+    dcp.load(dest, storage_reader=dcpx.FileSystemReader(tmp_path, weights_only=False))  # a checkpoint you trust
+    assert dest["cfg"].lr == 0.5
+
 def test_non_tensor_entry_with_plain_values_loads(tmp_path: Path) -> None:
     sd = {"cfg": {"lr": 0.1, "betas": (0.9, 0.99), "name": "x", "flags": [True, None], "t": torch.ones(2)}}
     dcpx.save(sd, tmp_path)

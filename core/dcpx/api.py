@@ -11,14 +11,14 @@ import io
 import os
 from typing import Any, Sequence
 
-import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint._traverse import set_element
 
-from .errors import DcpxError, UnsafeCheckpointError
+from .errors import DcpxError
+from .safe_pickle import load_weights_only
 from .reader import FileSystemReader
 from .writer import FileSystemWriter
 
@@ -26,18 +26,15 @@ from .writer import FileSystemWriter
 class SafeLoadPlanner(DefaultLoadPlanner):
     """``DefaultLoadPlanner`` that loads non-tensor entries with ``weights_only=True``.
 
-    Stock DCP unpickles them with ``weights_only=False``, so an edited data file can run
-    code.  Pass ``planner=dcpx.SafeLoadPlanner()`` to ``dcp.load`` for the same protection.
+    Stock DCP's planner unpickles them with ``weights_only=False``; dcpx's reader therefore
+    checks each entry with ``weights_only=True`` before handing it to any other planner.
+    With this planner the entry is loaded safely once, with no separate check.
     """
 
+    dcpx_weights_only = True  # the reader need not check entries first: this planner loads them safely
+
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        try:
-            obj = torch.load(value, weights_only=True)
-        except Exception as exc:
-            raise UnsafeCheckpointError(
-                f"{read_item.storage_index.fqn}: non-tensor entry refused by the safe loader "
-                f"({type(exc).__name__}: {exc}); only tensors, containers and primitive values are allowed"
-            ) from exc
+        obj = load_weights_only(value, read_item.storage_index.fqn)
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:

@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.planner import (
 
 from .errors import CheckpointFormatError, ConfigError, DcpxError, UnsafeCheckpointError
 from .reader import FileSystemReader
+from .safe_pickle import load_weights_only, weights_only_reason
 from .safetensors_io import _DTYPES as _SAFETENSORS_DTYPES
 
 PT_SUFFIXES = (".pt", ".pth")
@@ -158,6 +159,8 @@ def _read_request(item: WriteItem) -> ReadItem:
 class _Capture:
     """The part of a ``LoadPlanner`` the dcpx reader calls: fresh tensors in, results kept."""
 
+    dcpx_weights_only = True  # blobs are kept as bytes and loaded by ``safe_value`` only
+
     def __init__(self, metadata: Metadata) -> None:
         self.metadata = metadata
         self.tensors: dict[MetadataIndex, torch.Tensor] = {}
@@ -220,7 +223,7 @@ def load_torch_file(path: str) -> Any:
     except Exception as exc:
         text = str(exc)
         if "Weights only load failed" in text:
-            raise UnsafeCheckpointError(f"{path}: refused by torch.load(weights_only=True): {_weights_only_reason(text)}") from exc
+            raise UnsafeCheckpointError(f"{path}: refused by torch.load(weights_only=True): {weights_only_reason(text)}") from exc
         raise CheckpointFormatError(f"{path}: not a readable torch.save file ({type(exc).__name__}: {_first_line(text)})") from exc
 
 
@@ -278,13 +281,7 @@ def _plan_for_flat(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]] | N
 
 def safe_value(fqn: str, data: bytes) -> Any:
     """A non-tensor entry, loaded as ``dcpx.SafeLoadPlanner`` loads it (``weights_only=True``)."""
-    try:
-        return torch.load(io.BytesIO(data), weights_only=True)
-    except Exception as exc:
-        raise UnsafeCheckpointError(
-            f"{fqn}: non-tensor entry refused by the safe loader ({_weights_only_reason(str(exc))}); "
-            f"only tensors, containers and primitive values are allowed"
-        ) from exc
+    return load_weights_only(data, fqn, map_location="cpu")
 
 
 # -- writing -----------------------------------------------------------------------------
@@ -306,13 +303,6 @@ def _in_path(exc: DcpxError, path: str) -> DcpxError:
     named = copy.copy(exc)
     named.args = (f"{path}: {exc}",)
     return named
-
-
-def _weights_only_reason(text: str) -> str:
-    """The one informative sentence of torch's multi-paragraph weights_only error."""
-    detail = text.partition("WeightsUnpickler error:")[2].partition("Check the documentation")[0]
-    reason = " ".join(detail.split()).split(". ")[0]
-    return reason or _first_line(text) or "it holds objects other than tensors and plain values"
 
 
 def _first_line(text: str) -> str:

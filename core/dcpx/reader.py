@@ -28,6 +28,7 @@ from .errors import CheckpointFormatError, DcpxError, IntegrityError, PolicyErro
 from .pipeline import default_workers
 from .plugins import as_transform, host
 from .read_job import OpenFile, ReadJob
+from .safe_pickle import load_weights_only
 from .transform import TorchStreamTransform, Transform, descriptor_name, transform_name
 
 
@@ -41,6 +42,10 @@ class FileSystemReader(StorageReader):
       without them is refused before its bytes are read.
     * ``checkpoint_id``: refuse a checkpoint whose dcpx checkpoint id differs (anti-replay).
     * ``max_item_bytes``: upper bound for a non-tensor item's decoded size.
+    * ``weights_only``: refuse a non-tensor entry that ``torch.load(weights_only=True)``
+      refuses, before the load planner sees it (torch's default planner unpickles entries
+      with ``weights_only=False``, which runs whatever code an edited file names).  Pass
+      ``False`` only for checkpoints you trust.
     """
 
     def __init__(
@@ -53,12 +58,14 @@ class FileSystemReader(StorageReader):
         checkpoint_id: str | None = None,
         workers: int | None = None,
         max_item_bytes: int = 1 << 30,
+        weights_only: bool = True,
     ) -> None:
         super().__init__()
         self.fs = FileSystem()
         self.path = os.fspath(path)
         self.workers = workers or default_workers()
         self.max_item_bytes = max_item_bytes
+        self.weights_only = weights_only
         self.expected_checkpoint_id = checkpoint_id
         self._configured: dict[str, Transform] = {}
         for spec in transforms or ():
@@ -180,8 +187,10 @@ class FileSystemReader(StorageReader):
                     value = fut.result()
                     if job.is_tensor:
                         planner.commit_tensor(job.req, value)
-                    else:
-                        planner.load_bytes(job.req, io.BytesIO(value))
+                        continue
+                    if self.weights_only and not getattr(planner, "dcpx_weights_only", False):
+                        load_weights_only(value, job.where, map_location="cpu")  # refuses before the planner unpickles
+                    planner.load_bytes(job.req, io.BytesIO(value))
             finally:
                 item_pool.shutdown(wait=True, cancel_futures=True)
         finally:

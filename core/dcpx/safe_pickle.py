@@ -1,4 +1,4 @@
-"""Reading ``.metadata`` without running code from the checkpoint.
+"""Reading ``.metadata`` and non-tensor entries without running code from the checkpoint.
 
 ``.metadata`` is a pickle of DCP's own ``Metadata`` so that stock tools keep reading it.
 Plain ``pickle.load`` would execute any callable named in the file; this unpickler admits
@@ -91,3 +91,33 @@ def plugin_safe_globals() -> set[tuple[str, str]]:
     for pairs in host().pm.hook.dcpx_safe_globals():
         extra.update((str(m), str(n)) for m, n in pairs or ())
     return extra
+
+
+def load_weights_only(data: bytes | io.BytesIO, where: str, map_location: Any = None) -> Any:
+    """``torch.load(weights_only=True)`` of a non-tensor entry; a refusal is an
+    ``UnsafeCheckpointError`` naming the entry.
+
+    torch's restricted unpickler admits tensors, containers and primitive values, plus any
+    class the user allowed with ``torch.serialization.add_safe_globals``."""
+    stream = data if isinstance(data, io.BytesIO) else io.BytesIO(data)
+    try:
+        return torch.load(stream, weights_only=True, map_location=map_location)
+    except Exception as exc:
+        raise UnsafeCheckpointError(
+            f"{where}: non-tensor entry refused: it does not load with torch.load(weights_only=True) "
+            f"({weights_only_reason(str(exc))}); allow trusted classes with "
+            "torch.serialization.add_safe_globals, or read a checkpoint you trust with "
+            "FileSystemReader(..., weights_only=False)"
+        ) from exc
+
+
+def weights_only_reason(text: str) -> str:
+    """The one informative sentence of torch's multi-paragraph weights-only error: the
+    refused global."""
+    detail = text.partition("WeightsUnpickler error:")[2].partition("Check the documentation")[0]
+    reason = " ".join(detail.split()).split(". ")[0]
+    if reason:
+        return reason
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    telling = [line for line in lines if "GLOBAL" in line or "nsupported" in line]
+    return (telling or lines or ["it holds objects other than tensors and plain values"])[0]
