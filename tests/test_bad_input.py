@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
 import dcpx
 from checkpoint_helpers import rewrite_metadata, storage_items
@@ -274,6 +275,18 @@ def test_length_shorter_than_tensor(ckpt: Path, watchdog: dict[str, bool]) -> No
     expect_refusal(ckpt, watchdog, dcpx.CheckpointFormatError, "model.w")
 
 
+@pytest.mark.parametrize("field, value, needle", [
+    ("relative_path", {"k": 1}, "invalid data file name"),
+    ("relative_path", None, "invalid data file name"),  # torch pickles None fields as absent
+    ("length", None, "non-negative integers"),
+    ("transform_descriptors", 5, "must be a list of strings"),
+])
+def test_forged_storage_entry_fields(ckpt: Path, watchdog: dict[str, bool], field: str, value: Any, needle: str) -> None:
+    rewrite_metadata(ckpt, _set_info("model.w", **{field: value}))
+    expect_metadata_refusal(ckpt, dcpx.CheckpointFormatError, ".metadata", "model.w", needle)
+    expect_refusal(ckpt, watchdog, dcpx.CheckpointFormatError, "model.w", needle)
+
+
 def test_missing_storage_entry(ckpt: Path, watchdog: dict[str, bool]) -> None:
     def drop(metadata: Any) -> None:
         for index in [i for i in metadata.storage_data if i.fqn == "model.w"]:
@@ -368,6 +381,71 @@ def test_garbled_chunk_payload(framed: Path, watchdog: dict[str, bool]) -> None:
     info = _items(framed)["model.w"]
     _patch(framed, info, 0, b"\0" * 16)  # destroys the first zstd frame's header
     expect_refusal(framed, watchdog, dcpx.DcpxError, "model.w")
+
+
+# -- metadata structure ---------------------------------------------------------------------------------------
+
+
+def _tensor_md(metadata: Any, fqn: str = "model.w") -> Any:
+    return metadata.state_dict_metadata[fqn]
+
+
+def _rename_entry(metadata: Any) -> None:
+    metadata.state_dict_metadata[7] = metadata.state_dict_metadata.pop("model.b")
+
+
+FORGED_STRUCTURE: dict[str, tuple[Callable[[Any], None], str]] = {
+    "dtype-string": (lambda m: setattr(_tensor_md(m).properties, "dtype", "float32"), "not a torch dtype"),
+    "size-string": (lambda m: setattr(_tensor_md(m), "size", "40x100"), "size must be"),
+    "size-negative": (lambda m: setattr(_tensor_md(m), "size", torch.Size([-40, 100])), "size must be"),
+    "chunks-not-list": (lambda m: setattr(_tensor_md(m), "chunks", None), "chunk list"),
+    "chunk-wrong-type": (lambda m: _tensor_md(m).chunks.__setitem__(0, 5), "chunk 0 is a int"),
+    "chunk-sizes-string": (lambda m: setattr(_tensor_md(m).chunks[0], "sizes", "xyz"), "chunk 0 offsets and sizes"),
+    "chunk-rank-mismatch": (lambda m: setattr(_tensor_md(m).chunks[0], "offsets", torch.Size([0])), "dimensions"),
+    "chunk-outside": (lambda m: setattr(_tensor_md(m).chunks[0], "offsets", torch.Size([1, 0])), "outside the tensor"),
+    "entry-wrong-type": (lambda m: m.state_dict_metadata.__setitem__("model.w", 3), "not DCP storage metadata"),
+    "entry-name-not-str": (_rename_entry, "not a string"),
+    "sparse-list-index": (lambda m: m.planner_data.__setitem__("model.w", ("model", 10**12)), "far beyond"),
+    "path-through-value": (lambda m: m.planner_data.__setitem__("model.b", ("model.w", "x")), "does not fit"),
+}
+
+
+@pytest.mark.parametrize("forgery", list(FORGED_STRUCTURE))
+def test_forged_metadata_structure(ckpt: Path, watchdog: dict[str, bool], forgery: str) -> None:
+    """Allow-listed types holding the wrong values: refused when ``.metadata`` is read,
+    before a planner trips over them with a bare ``TypeError``, or (a sparse list index in
+    the flattening paths) appends 10**12 slots to a list."""
+    edit, needle = FORGED_STRUCTURE[forgery]
+    rewrite_metadata(ckpt, lambda m: (m.__setattr__("planner_data", dict(m.planner_data or {})), edit(m)))
+    expect_metadata_refusal(ckpt, dcpx.CheckpointFormatError, ".metadata", needle)
+    expect_refusal(ckpt, watchdog, dcpx.CheckpointFormatError, needle)
+
+
+def test_forged_flattening_path_refused_when_loading_without_a_template(ckpt: Path, watchdog: dict[str, bool]) -> None:
+    """Loading without a template (``_load_state_dict_from_keys``; ``dcp_to_torch_save``
+    likewise) rebuilds nesting from the paths: the reader refuses the forgery first."""
+    rewrite_metadata(ckpt, lambda m: m.planner_data.__setitem__("model.w", ("model", 10**12)))
+    with pytest.raises((CheckpointException, AssertionError)) as info:
+        _load_state_dict_from_keys(storage_reader=dcpx.FileSystemReader(ckpt))
+    assert not watchdog["fired"], "load hung"
+    assert "far beyond the entries saved" in str(info.value)
+
+
+def test_nested_lists_load_without_a_template(tmp_path: Path) -> None:
+    """The structural check admits what DCP itself flattens: lists in lists, dicts in lists."""
+    state = {"layers": [[torch.ones(2), torch.zeros(1)], [torch.arange(3.0)]],
+             "groups": [{"lr": 0.1, "params": [0, 1]}, {"lr": 0.2, "w": torch.ones(1)}]}
+    dcpx.save(state, tmp_path / "ck")
+    out = _load_state_dict_from_keys(storage_reader=dcpx.FileSystemReader(tmp_path / "ck"))
+    assert torch.equal(out["layers"][0][0], torch.ones(2)) and torch.equal(out["layers"][1][0], torch.arange(3.0))
+    assert out["groups"][0] == {"lr": 0.1, "params": [0, 1]} and torch.equal(out["groups"][1]["w"], torch.ones(1))
+
+
+def test_gaps_left_by_empty_dicts_in_lists_are_admitted(tmp_path: Path) -> None:
+    """An empty dict inside a list leaves a gap in DCP's numbering of the list: metadata
+    with thousands of them is no forgery."""
+    dcpx.save({"sparse": [{} for _ in range(3000)] + [torch.full((2,), 5.0)]}, tmp_path / "ck")
+    assert dcpx.FileSystemReader(tmp_path / "ck").read_metadata().planner_data == {"sparse.3000": ("sparse", 3000)}
 
 
 # -- code execution -------------------------------------------------------------------------------------------

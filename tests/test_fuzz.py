@@ -9,11 +9,15 @@ fixture), and never a large allocation (tracemalloc).  The run is seeded and sho
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import os
+import pickle
 import random
 import shutil
+import signal
 import tracemalloc
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -21,11 +25,13 @@ import torch
 import dcpx
 from dcpx import framing, manifest
 from dcpx.descriptor import parse
+from dcpx.metadata_check import check_metadata
 from dcpx.safe_pickle import safe_loads
 
 ITERATIONS = int(os.environ.get("DCPX_FUZZ_ITERATIONS", "300"))
 SEED = int(os.environ.get("DCPX_FUZZ_SEED", "20261128"))
 MEMORY_LIMIT = 64 << 20
+WATCHDOG_S = 20
 
 
 def mutate(data: bytes, rng: random.Random) -> bytes:
@@ -50,12 +56,18 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
     return bytes(buf)
 
 
+def rearm_watchdog() -> None:
+    """The watchdog fixture guards each input, not a whole run of thousands of them."""
+    signal.alarm(WATCHDOG_S)
+
+
 def fuzz(target: Callable[[bytes], object], seeds: list[bytes], rng: random.Random) -> int:
     """Run ``target`` on mutated seeds; return how many inputs were accepted."""
     accepted = 0
     tracemalloc.start()
     try:
         for _ in range(ITERATIONS):
+            rearm_watchdog()
             data = mutate(rng.choice(seeds), rng)
             tracemalloc.reset_peak()
             try:
@@ -133,7 +145,7 @@ def test_metadata_pickle(checkpoint, watchdog):
     data = (checkpoint / ".metadata").read_bytes()
 
     def target(blob: bytes) -> None:
-        safe_loads(blob, "fuzz")
+        check_metadata(safe_loads(blob, "fuzz"), "fuzz")  # as the reader does
 
     fuzz(target, [data], rng)
 
@@ -149,6 +161,7 @@ def test_whole_load_with_mutated_files(checkpoint, tmp_path, watchdog):
     dcpx.load(expected, checkpoint)
     runs = max(20, ITERATIONS // 10)
     for i in range(runs):
+        rearm_watchdog()
         work = tmp_path / f"mutant{i}"
         shutil.copytree(checkpoint, work)
         name = rng.choice([".metadata", "__0_0.distcp"])
@@ -162,3 +175,60 @@ def test_whole_load_with_mutated_files(checkpoint, tmp_path, watchdog):
         if name == ".metadata":
             assert torch.equal(out["w"], expected["w"]) and torch.equal(out["b"], expected["b"]), i
         shutil.rmtree(work)
+
+
+# Values an edited .metadata could hold where DCP expects something else.
+ODD_VALUES: list[Any] = [None, "x", "", -1, 0, 10**12, 2.5, True, [], {}, (), [None], {"k": 1}, ("a", 10**9),
+                         (-1,), torch.Size([-3]), torch.Size([10**9, 10**9]), torch.float32, b"\x00"]
+
+
+def _slots(obj: Any, depth: int = 0) -> list[tuple[Any, Any]]:
+    """(container, field or key) for every value in a Metadata tree, dataclass fields
+    included: the places a forger can put an odd value."""
+    if depth > 8:
+        return []
+    out: list[tuple[Any, Any]] = []
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            out.append((obj, f.name))
+            out += _slots(getattr(obj, f.name), depth + 1)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            out.append((obj, k))
+            out += _slots(k, depth + 1) + _slots(v, depth + 1)  # keys too: storage_data's are MetadataIndex
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out.append((obj, i))
+            out += _slots(v, depth + 1)
+    return out
+
+
+def test_whole_load_with_forged_metadata_fields(checkpoint, tmp_path, watchdog):
+    """Put odd values into the fields of a valid ``.metadata`` (no manifest to bind it): a
+    load succeeds or raises a dcpx error naming the problem, whichever field was forged."""
+    rng = random.Random(SEED + 5)
+    original = (checkpoint / ".metadata").read_bytes()
+    for name in glob.glob(str(checkpoint / ".dcpx-manifest-*.json")):
+        os.remove(name)
+    for i in range(max(40, ITERATIONS // 5)):
+        rearm_watchdog()
+        metadata = pickle.loads(original)
+        for _ in range(rng.randint(1, 2)):
+            holder, key = rng.choice(_slots(metadata))
+            value = rng.choice(ODD_VALUES)
+            if isinstance(holder, (dict, list)):
+                try:
+                    holder[key] = value
+                except TypeError:  # the key is a MetadataIndex the first forgery made unhashable
+                    pass
+            else:
+                object.__setattr__(holder, key, value)  # MetadataIndex is frozen
+        try:
+            blob = pickle.dumps(metadata)
+        except Exception:  # noqa: BLE001 - TensorProperties refuses to pickle some forgeries itself
+            continue
+        (checkpoint / ".metadata").write_bytes(blob)
+        try:
+            dcpx.load(_blank(), checkpoint)
+        except dcpx.DcpxError:
+            pass

@@ -310,3 +310,17 @@ def test_cuda_tensors_round_trip(tmp_path: Path, transforms: list[str] | None) -
     dcpx.load(dest, tmp_path)
     assert all(v.device.type == "cuda" for v in dest.values())
     assert_same({k: v.cpu() for k, v in dest.items()}, expected)
+
+
+def test_state_dict_mismatch_is_a_dcpx_error(tmp_path: Path) -> None:
+    """A key the checkpoint lacks, or an entry of another shape: ``dcpx.load`` says which,
+    as a dcpx error; ``allow_partial_load`` leaves missing keys alone."""
+    dcpx.save({"w": torch.ones(2, 3)}, tmp_path / "ck")
+    with pytest.raises(dcpx.StateDictMismatchError, match="'w'|w") as info:
+        dcpx.load({"w": torch.zeros(3, 2)}, tmp_path / "ck")
+    assert "torch.Size([2, 3])" in str(info.value) and "another shape" in str(info.value)
+    with pytest.raises(dcpx.StateDictMismatchError, match="Missing key .*extra"):
+        dcpx.load({"w": torch.zeros(2, 3), "extra": torch.zeros(1)}, tmp_path / "ck")
+    dest = {"w": torch.zeros(2, 3), "extra": torch.zeros(1)}
+    dcpx.load(dest, tmp_path / "ck", planner=dcpx.SafeLoadPlanner(allow_partial_load=True))
+    assert torch.equal(dest["w"], torch.ones(2, 3)) and torch.equal(dest["extra"], torch.zeros(1))

@@ -15,6 +15,7 @@ from .errors import (
     IntegrityError,
     PluginError,
     PolicyError,
+    StateDictMismatchError,
     UnknownTransformError,
     UnsafeCheckpointError,
 )
@@ -99,6 +100,7 @@ __all__ = [
     "ItemInfo",
     "PluginError",
     "PolicyError",
+    "StateDictMismatchError",
     "Transform",
     "UnknownTransformError",
     "UnsafeCheckpointError",

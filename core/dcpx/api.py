@@ -14,10 +14,10 @@ from typing import Any, Sequence
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
 from torch.distributed.checkpoint._traverse import set_element
 
-from .errors import DcpxError
+from .errors import DcpxError, StateDictMismatchError
 from .safe_pickle import load_weights_only
 from .reader import FileSystemReader
 from .writer import FileSystemWriter
@@ -32,6 +32,21 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     """
 
     dcpx_weights_only = True  # the reader need not check entries first: this planner loads them safely
+
+    def create_local_plan(self) -> LoadPlan:
+        """torch's plan, with its two complaints about the checkpoint (a missing key, another
+        shape) raised as ``StateDictMismatchError`` so that they too are dcpx errors."""
+        try:
+            return super().create_local_plan()
+        except (RuntimeError, ValueError) as exc:
+            text = str(exc)
+            if text.startswith("Missing key in checkpoint state_dict"):
+                raise StateDictMismatchError(
+                    f"{text} The checkpoint has no such entry; SafeLoadPlanner(allow_partial_load=True) "
+                    "leaves such keys as they are") from exc
+            if text.startswith("Size mismatch between saved"):
+                raise StateDictMismatchError(f"{text}: the checkpoint holds this entry with another shape") from exc
+            raise
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         obj = load_weights_only(value, read_item.storage_index.fqn)

@@ -1,8 +1,8 @@
 """The small files of a checkpoint directory, read as untrusted input.
 
-``.metadata`` goes through the restricted unpickler, the manifest through a strict JSON
-check bound to the metadata bytes, and every file must be a regular file of bounded size;
-data-file names from metadata are confined to the directory.
+``.metadata`` goes through the restricted unpickler and a structural check, the manifest
+through a strict JSON check bound to the metadata bytes, and every file must be a regular
+file of bounded size; data-file names from metadata are confined to the directory.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 
 from . import commit, manifest
 from .errors import CheckpointFormatError, DcpxError, UnsafeCheckpointError
+from .metadata_check import check_metadata
 from .safe_pickle import plugin_safe_globals, safe_loads
 from .transform import read_bounded
 
@@ -45,10 +46,7 @@ def load_metadata(directory: str, name: str = commit.METADATA) -> tuple[Metadata
     except FileNotFoundError as exc:
         raise CheckpointFormatError(f"{directory}: not a checkpoint (no {name} file)") from exc
     metadata = safe_loads(data, where, plugin_safe_globals())
-    if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
-        raise CheckpointFormatError(f"{where}: does not hold DCP Metadata")
-    if metadata.storage_data is not None and not isinstance(metadata.storage_data, dict):
-        raise CheckpointFormatError(f"{where}: storage table is not a mapping")
+    check_metadata(metadata, where)
     return metadata, data
 
 

@@ -41,6 +41,10 @@ class IntegrityError(DcpxError):
     """Stored bytes do not match what was recorded (checksum, size, authentication)."""
 
 
+class StateDictMismatchError(DcpxError):
+    """The checkpoint does not hold what the state dict being loaded asks for (a key, a shape)."""
+
+
 class PolicyError(DcpxError):
     """An item does not satisfy the reader's policy (e.g. a required transform is missing)."""
 

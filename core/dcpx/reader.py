@@ -25,6 +25,7 @@ from . import commit, manifest
 from .checkpoint_files import confine, load_manifest, load_metadata, open_regular
 from .descriptor import parse
 from .errors import CheckpointFormatError, DcpxError, IntegrityError, PolicyError
+from .metadata_check import check_storage_entry
 from .pipeline import default_workers
 from .plugins import as_transform, host
 from .read_job import OpenFile, ReadJob
@@ -117,12 +118,17 @@ class FileSystemReader(StorageReader):
                     raise PolicyError(
                         f"{self.path}: checkpoint id is {found!r}, the caller expected {self.expected_checkpoint_id!r}"
                     )
-        except DcpxError as exc:
+        except Exception as exc:
             # torch retries with rank-local metadata and then raises a bare AssertionError;
-            # keep the first, informative error for dcpx.load to re-raise
+            # keep the first, informative error for dcpx.load to re-raise.  Anything but a
+            # dcpx error here is a checkpoint no check foresaw: still say which file it was
+            error = exc if isinstance(exc, DcpxError) else CheckpointFormatError(
+                f"{self.path}/{name}: cannot be read ({type(exc).__name__}: {exc})")
             if self.metadata_error is None:
-                self.metadata_error = exc
-            raise
+                self.metadata_error = error
+            if error is exc:
+                raise
+            raise error from exc
         if metadata.storage_meta is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -206,13 +212,12 @@ class FileSystemReader(StorageReader):
         fqn = req.storage_index.fqn
         if not isinstance(info, _StorageInfo):
             raise CheckpointFormatError(f"{fqn}: no storage entry for this item in {self.path}/.metadata")
+        # read_metadata checked every entry; metadata handed to set_up_storage_reader from
+        # elsewhere gets the same check here
+        check_storage_entry(req.storage_index, info, f"{self.path}/{commit.METADATA}")
         rel, offset, length = info.relative_path, info.offset, info.length
         where = f"{fqn} (file {rel!r}, offset {offset}, length {length})"
-        if not (isinstance(offset, int) and isinstance(length, int)) or offset < 0 or length < 0:
-            raise CheckpointFormatError(f"{where}: offset and length must be non-negative integers")
         descriptors = list(info.transform_descriptors or [])
-        if not all(isinstance(d, str) for d in descriptors):
-            raise CheckpointFormatError(f"{where}: transform descriptors must be strings")
         self._check_policy(where, descriptors)
         opened = files.get(rel)
         if opened is None:

@@ -9,6 +9,7 @@ types in metadata add them through the ``dcpx_safe_globals`` hook.
 
 from __future__ import annotations
 
+import gc
 import io
 import pickle
 from typing import Any, Iterable
@@ -75,13 +76,22 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
 
 
 def safe_loads(data: bytes, where: str, extra: Iterable[tuple[str, str]] = ()) -> Any:
-    """Unpickle ``data`` admitting only allow-listed globals; any failure is a dcpx error."""
+    """Unpickle ``data`` admitting only allow-listed globals; any failure is a dcpx error.
+
+    The cyclic garbage collector is paused meanwhile: unpickling creates objects only, and
+    the collector's repeated passes over the growing heap took half the time of reading the
+    ``.metadata`` of a 20,000-entry checkpoint."""
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         return _RestrictedUnpickler(io.BytesIO(data), where, set(extra)).load()
     except UnsafeCheckpointError:
         raise
     except Exception as exc:  # truncated or garbled pickles raise many kinds of errors
         raise UnsafeCheckpointError(f"{where}: metadata is not a valid pickle ({type(exc).__name__}: {exc})") from exc
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def plugin_safe_globals() -> set[tuple[str, str]]:
