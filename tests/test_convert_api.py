@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
 import dcpx
-from checkpoint_helpers import assert_same, blank, data_files
+from checkpoint_helpers import assert_same, blank, data_files, rewrite_metadata
 from cli_helpers import installed, tensors_only, training_state
 from dcpx.convert import ConvertVerificationError, convert, open_source, transform_from_spec
 
@@ -139,3 +139,17 @@ def test_unsafe_non_tensor_entry_is_refused(tmp_path: Path) -> None:
     with pytest.raises(dcpx.UnsafeCheckpointError, match=r"src: obj: non-tensor entry refused.*Custom"):
         convert(tmp_path / "src", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_forged_tensor_size_is_refused_when_assembling(tmp_path: Path) -> None:
+    """A shard's tensor size comes from (unauthenticated) metadata; one no machine can hold
+    is a format error naming the item, not torch's allocator error."""
+    write_sharded(tmp_path / "sharded")
+
+    def grow(metadata: Any) -> None:
+        metadata.state_dict_metadata["w"].size = torch.Size([10**7, 10**7])
+
+    rewrite_metadata(tmp_path / "sharded", grow)
+    with pytest.raises(dcpx.CheckpointFormatError, match=r"item 'w': cannot allocate its recorded size"):
+        convert(tmp_path / "sharded", tmp_path / "whole.pt")
+    assert not (tmp_path / "whole.pt").exists()

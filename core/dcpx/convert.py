@@ -227,7 +227,7 @@ def _write_single_file(source: _Source, dst: str, fmt: str, group_bytes: int, pr
                 td = item.tensor_data
                 whole = flat.get(fqn)
                 if whole is None:
-                    whole = flat[fqn] = torch.empty(tuple(td.size), dtype=td.properties.dtype)
+                    whole = flat[fqn] = _whole_tensor(source.path, fqn, tuple(td.size), td.properties.dtype)
                 _region(whole, td.chunk.offsets, td.chunk.sizes).copy_(value)
                 covered[fqn] = covered.get(fqn, 0) + math.prod(td.chunk.sizes)
         done += sum(_item_nbytes(i, source) for i in group)
@@ -248,6 +248,14 @@ def _write_single_file(source: _Source, dst: str, fmt: str, group_bytes: int, pr
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _whole_tensor(path: str, fqn: str, size: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The tensor the shards of ``fqn`` are assembled into; its size comes from metadata."""
+    try:
+        return torch.empty(size, dtype=dtype)
+    except RuntimeError as exc:  # a size no machine holds: forged or damaged metadata
+        raise CheckpointFormatError(f"{path}: item {fqn!r}: cannot allocate its recorded size {size} ({exc})") from exc
 
 
 def _nest(flat: dict[str, Any], mappings: Any) -> dict[str, Any]:
