@@ -4,6 +4,7 @@ never code execution."""
 from __future__ import annotations
 
 import glob
+import io
 import os
 import pickle
 import shutil
@@ -293,6 +294,61 @@ def test_missing_storage_entry(ckpt: Path, watchdog: dict[str, bool]) -> None:
             del metadata.storage_data[index]
     rewrite_metadata(ckpt, drop)
     expect_refusal(ckpt, watchdog, dcpx.CheckpointFormatError, "model.w")
+
+
+# -- stock torch items (torch.save payloads) -------------------------------------------------------------------
+
+
+@pytest.fixture
+def stock(tmp_path: Path) -> Path:
+    """A checkpoint written by stock torch: each tensor a ``torch.save`` payload."""
+    path = tmp_path / "stock"
+    dcp.save(_state(), storage_writer=dcp.FileSystemWriter(path))
+    return path
+
+
+def _append_payload(path: Path, fqn: str, obj: Any) -> None:
+    """Point ``fqn``'s storage entry at a new ``torch.save`` payload appended to its file."""
+    info = _items(path)[fqn]
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with open(path / info.relative_path, "ab") as f:
+        offset = f.tell()
+        f.write(buf.getvalue())
+    rewrite_metadata(path, _set_info(fqn, offset=offset, length=len(buf.getvalue())))
+
+
+def test_stock_item_with_a_gadget_is_refused(stock: Path, tmp_path: Path, watchdog: dict[str, bool]) -> None:
+    sentinel = tmp_path / "pwned-stock-item"
+    _append_payload(stock, "model.w", Gadget(str(sentinel)))
+    expect_refusal(stock, watchdog, dcpx.CheckpointFormatError, "model.w", "not a valid torch.save tensor")
+    assert not sentinel.exists()
+
+
+def test_stock_item_of_another_shape_is_refused(stock: Path, watchdog: dict[str, bool]) -> None:
+    _append_payload(stock, "model.w", torch.zeros(100, 40))
+    expect_refusal(stock, watchdog, dcpx.CheckpointFormatError, "model.w", "does not match metadata")
+
+
+def test_stock_item_larger_than_its_tensor_is_refused(stock: Path, watchdog: dict[str, bool]) -> None:
+    _append_payload(stock, "model.b", torch.zeros(1 << 19))  # 2 MiB where 16 floats belong
+    expect_refusal(stock, watchdog, dcpx.CheckpointFormatError, "model.b", "more bytes than its tensor")
+
+
+@pytest.mark.parametrize("where", ["start", "middle", "end"])
+def test_stock_item_with_garbled_bytes(stock: Path, watchdog: dict[str, bool], where: str) -> None:
+    """Damage in the zip structure is refused; damage in the tensor's own bytes cannot be
+    seen without a checksum, and then the load completes."""
+    info = _items(stock)["model.w"]
+    at = {"start": 0, "middle": info.length // 2, "end": info.length - 40}[where]
+    with open(stock / info.relative_path, "r+b") as f:
+        f.seek(info.offset + at)
+        f.write(b"\xff" * 24)
+    try:
+        dcpx.load(_dest(), stock)
+    except dcpx.DcpxError as exc:
+        assert "model.w" in str(exc)
+    assert not watchdog["fired"]
 
 
 # -- frames ---------------------------------------------------------------------------------------------------

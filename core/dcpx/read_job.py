@@ -39,6 +39,40 @@ class OpenFile:
 
 
 
+class ItemView(io.RawIOBase):
+    """A read-only, seekable window on one item of a data file, read with ``pread`` (no
+    shared file position, so items are read from several threads at once)."""
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        super().__init__()
+        self._fd, self._offset, self._length, self._pos = fd, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        if base + pos < 0:
+            raise ValueError(f"seek to {base + pos}, before the start of the item")
+        self._pos = base + pos
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(view.nbytes, self._length - self._pos))
+        if n == 0:
+            return 0
+        got = os.preadv(self._fd, [view[:n]], self._offset + self._pos)
+        self._pos += got
+        return got
+
+
 class ReadJob:
     """Everything needed to decode one read request; ``run`` executes on a worker thread."""
 
@@ -167,11 +201,17 @@ class ReadJob:
             return data
         dtype, shape = self.expected
         limit = math.prod(shape) * element_size(dtype) + TORCH_SAVE_OVERHEAD
-        data = read_bounded(stream, limit + 1)
-        if len(data) > limit:
-            raise CheckpointFormatError(f"{self.where}: item decodes to more bytes than its tensor can hold")
+        if self.descriptors:
+            data = read_bounded(stream, limit + 1)
+            if len(data) > limit:
+                raise CheckpointFormatError(f"{self.where}: item decodes to more bytes than its tensor can hold")
+            source: Any = io.BytesIO(data)
+        else:  # torch.load reads the storage straight from the file into the tensor, as stock torch does
+            if self.length > limit:
+                raise CheckpointFormatError(f"{self.where}: item holds more bytes than its tensor can")
+            source = ItemView(self.file.fd, self.offset, self.length)
         try:
-            tensor = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            tensor = torch.load(source, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise CheckpointFormatError(f"{self.where}: not a valid torch.save tensor ({type(exc).__name__}: {exc})") from exc
         if not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype or tuple(tensor.shape) != shape:
