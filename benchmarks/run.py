@@ -128,6 +128,8 @@ def configs() -> list[tuple[str, tuple[str, ...] | None, Callable[[Path], Any], 
     installed = {r.name for r in dcpx.plugin_host().registrations()}
     out: list[tuple[str, tuple[str, ...] | None, Callable[[Path], Any], Callable[[Path], Any]]] = [
         ("stock DCP", None, lambda p: dcp.FileSystemWriter(p), lambda p: dcp.FileSystemReader(p)),
+        # the drop-in case: checkpoints stock torch wrote, loaded through dcpx's reader
+        ("stock DCP files, dcpx reader", None, lambda p: dcp.FileSystemWriter(p), lambda p: dcpx.FileSystemReader(p)),
         ("stock DCP thread_count=2", None, lambda p: dcp.FileSystemWriter(p, thread_count=2),
          lambda p: dcp.FileSystemReader(p)),
         ("stock DCP + ZStandard", None, lambda p: dcp.FileSystemWriter(p, _extensions=[ZStandard()]),
@@ -148,7 +150,7 @@ def configs() -> list[tuple[str, tuple[str, ...] | None, Callable[[Path], Any], 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gib", type=float, default=1.0)
-    ap.add_argument("--repeat", type=int, default=2, help="rounds per configuration; the best is reported")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds per configuration; the best is reported")
     ap.add_argument("--dir", default=None, help="where to write checkpoints (default: a temp dir)")
     ap.add_argument("--only", default="", help="comma-separated names to run (e.g. 'ZStandard,dcpx zstd'); "
                     "a partial run prints its rows but writes no report")
