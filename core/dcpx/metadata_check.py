@@ -42,7 +42,8 @@ def check_metadata(metadata: Any, where: str) -> None:
     if storage is not None and not isinstance(storage, dict):
         raise CheckpointFormatError(f"{where}: storage table is not a mapping")
     meta = getattr(metadata, "storage_meta", None)
-    if meta is not None and (not isinstance(meta, StorageMeta) or not isinstance(getattr(meta, "save_id", None), (str, type(None)))):
+    save_id = getattr(meta, "save_id", None)
+    if meta is not None and (not isinstance(meta, StorageMeta) or not isinstance(save_id, (str, type(None)))):
         raise CheckpointFormatError(f"{where}: storage_meta is not a StorageMeta with a string save_id: {meta!r:.120}")
     for fqn, entry in entries.items():
         if type(fqn) is not str:
@@ -84,7 +85,8 @@ def _tensor_problem(entry: TensorStorageMetadata) -> str | None:
         if sizes == size and _is_dims(offsets) and len(offsets) == len(size) and not any(offsets):
             continue  # the usual single chunk holding the whole tensor
         if not _is_dims(offsets) or not _is_dims(sizes):
-            return f"chunk {n} offsets and sizes must be sequences of non-negative integers, not {offsets!r:.60}, {sizes!r:.60}"
+            return (f"chunk {n} offsets and sizes must be sequences of non-negative integers, "
+                    f"not {offsets!r:.60}, {sizes!r:.60}")
         if len(offsets) != len(size) or len(sizes) != len(size):
             return f"chunk {n} has {len(offsets)}/{len(sizes)} dimensions, the tensor {len(size)}"
         # an empty shard may sit anywhere; a non-empty one must lie inside the tensor
@@ -98,17 +100,18 @@ def check_storage_entry(index: Any, info: _StorageInfo, where: str) -> None:
     # torch pickles _StorageInfo without its None fields, so a forged entry may lack any of them
     rel, offset, length = (getattr(info, f, None) for f in ("relative_path", "offset", "length"))
     descriptors = getattr(info, "transform_descriptors", None)
-    if (isinstance(index, MetadataIndex) and type(getattr(index, "fqn", None)) is str and type(rel) is str
-            and type(offset) is int and type(length) is int and offset >= 0 and length >= 0
-            and (descriptors is None or isinstance(descriptors, (list, tuple)) and all(type(d) is str for d in descriptors))):
+    named = isinstance(index, MetadataIndex) and type(getattr(index, "fqn", None)) is str
+    placed = type(offset) is int and type(length) is int and offset >= 0 and length >= 0
+    listed = descriptors is None or isinstance(descriptors, (list, tuple)) and all(type(d) is str for d in descriptors)
+    if named and type(rel) is str and placed and listed:
         return
     fqn = getattr(index, "fqn", index)
     what = f"{where}: storage entry of {fqn!r:.200} (file {rel!r:.80})"
-    if not isinstance(index, MetadataIndex) or type(fqn) is not str:
+    if not named:
         raise CheckpointFormatError(f"{what}: its key is a {type(index).__name__}, not a MetadataIndex naming an entry")
     if type(rel) is not str:
         raise UnsafeCheckpointError(f"{what}: invalid data file name")
-    if type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
+    if not placed:
         raise CheckpointFormatError(f"{what}: offset {offset!r:.40} and length {length!r:.40} must be non-negative integers")
     raise CheckpointFormatError(f"{what}: transform descriptors {descriptors!r:.120} must be a list of strings")
 
@@ -133,7 +136,8 @@ def _check_flattening_paths(planner_data: dict[Any, Any], where: str) -> None:
                 if step >= len(node):
                     budget -= step + 1 - len(node)
                     if budget < 0:
-                        raise CheckpointFormatError(f"{_path_where(where, key, path)}: list index {step} lies far beyond the entries saved")
+                        raise CheckpointFormatError(
+                            f"{_path_where(where, key, path)}: list index {step} lies far beyond the entries saved")
                     node.extend([None] * (step + 1 - len(node)))
                 if node[step] is None or last:
                     node[step] = fresh
@@ -148,4 +152,3 @@ def _check_flattening_paths(planner_data: dict[Any, Any], where: str) -> None:
 
 def _path_where(where: str, key: Any, path: Any) -> str:
     return f"{where}: flattening path {tuple(path)!r:.120} of entry {key!r:.80}"
-

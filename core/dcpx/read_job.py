@@ -189,20 +189,24 @@ class ReadJob:
         return target
 
     # stock torch items: torch.save payloads through torch-style stream transforms ------
-    def _stock(self, target: torch.Tensor | None) -> Any:
+    def _decoded(self) -> Any:
+        """The item's bytes through its torch-style stream transforms, as a stream."""
         stream: Any = io.BytesIO(self.pread(0, self.length))
         # stock torch records descriptors innermost first; undo the outermost first
         for text in reversed(self.descriptors):
             stream = self.reader.transform_for(text, self.where).transform_from(stream)
+        return stream
+
+    def _stock(self, target: torch.Tensor | None) -> Any:
         if self.expected is None:
-            data = read_bounded(stream, self.reader.max_item_bytes + 1)
+            data = read_bounded(self._decoded(), self.reader.max_item_bytes + 1)
             if len(data) > self.reader.max_item_bytes:
                 raise CheckpointFormatError(f"{self.where}: item decodes to more than {self.reader.max_item_bytes} bytes")
             return data
         dtype, shape = self.expected
         limit = math.prod(shape) * element_size(dtype) + TORCH_SAVE_OVERHEAD
         if self.descriptors:
-            data = read_bounded(stream, limit + 1)
+            data = read_bounded(self._decoded(), limit + 1)
             if len(data) > limit:
                 raise CheckpointFormatError(f"{self.where}: item decodes to more bytes than its tensor can hold")
             source: Any = io.BytesIO(data)
