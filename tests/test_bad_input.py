@@ -463,6 +463,7 @@ FORGED_STRUCTURE: dict[str, tuple[Callable[[Any], None], str]] = {
     "entry-name-not-str": (_rename_entry, "not a string"),
     "sparse-list-index": (lambda m: m.planner_data.__setitem__("model.w", ("model", 10**12)), "far beyond"),
     "path-through-value": (lambda m: m.planner_data.__setitem__("model.b", ("model.w", "x")), "does not fit"),
+    "index-into-dict": (lambda m: m.planner_data.__setitem__("model.b", ("extra", 5)), "does not fit"),
 }
 
 

@@ -141,7 +141,8 @@ def _check_flattening_paths(planner_data: dict[Any, Any], where: str) -> None:
                     node.extend([None] * (step + 1 - len(node)))
                 if node[step] is None or last:
                     node[step] = fresh
-            elif isinstance(node, dict):
+            elif isinstance(node, dict) and not (last and type(step) is int and step >= len(node)):
+                # (torch grows the container as a list when the last step is an int)
                 if step not in node or last:
                     node[step] = fresh
             else:
