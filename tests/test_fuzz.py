@@ -210,7 +210,7 @@ def test_whole_load_with_forged_metadata_fields(checkpoint, tmp_path, watchdog):
     original = (checkpoint / ".metadata").read_bytes()
     for name in glob.glob(str(checkpoint / ".dcpx-manifest-*.json")):
         os.remove(name)
-    for i in range(max(40, ITERATIONS // 5)):
+    for _ in range(max(40, ITERATIONS // 5)):
         rearm_watchdog()
         metadata = pickle.loads(original)
         for _ in range(rng.randint(1, 2)):
