@@ -69,7 +69,7 @@ def descriptors(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("options, expected", [
     ({}, {"stream.zstd/1;group=float32", "stream.zstd/1;group=bfloat16", "stream.zstd/1;group=float16",
-          "stream.zstd/1;group=float64", "stream.zstd/1;group=none"}),
+          "stream.zstd/1;group=float64", "stream.zstd/1;group=int64", "stream.zstd/1;group=none"}),
     ({"grouping": "none"}, {"stream.zstd/1;group=none"}),
     ({"grouping": "int32", "level": 1}, {"stream.zstd/1;group=int32"}),
     ({"grouping": torch.bfloat16, "level": -3}, {"stream.zstd/1;group=bfloat16"}),

@@ -34,7 +34,8 @@ def test_every_dtype_round_trips_with_auto_grouping(dtype: torch.dtype, weights:
 @pytest.mark.parametrize("dtype, group", [
     (torch.float32, "float32"), (torch.bfloat16, "bfloat16"), (torch.float16, "float16"),
     (torch.float64, "float64"), (torch.complex64, "float32"), (torch.float8_e4m3fn, "none"),
-    (torch.int32, "none"), (None, "none"),
+    (torch.int16, "int16"), (torch.int32, "int32"), (torch.int64, "int64"), (torch.uint32, "int32"),
+    (torch.int8, "none"), (torch.uint8, "none"), (torch.bool, "none"), (None, "none"),
 ])
 def test_auto_grouping_picks_layout_by_dtype(dtype: torch.dtype | None, group: str, chunk_info) -> None:
     t = ZstdTransform().for_item(chunk_info(64, dtype).item)
@@ -95,6 +96,15 @@ def test_grouping_beats_plain_zstd_on_weights(weights: Callable[..., bytes], rou
         grouped = len(roundtrip(data, dtype))
         plain = len(roundtrip(data, dtype, ZstdTransform(grouping="none")))
         assert grouped < 0.93 * plain
+
+
+def test_auto_grouping_beats_plain_zstd_on_integer_ids(rng: np.random.Generator,
+                                                      roundtrip: Callable[..., bytes]) -> None:
+    for dtype, high in ((torch.int64, 50_000), (torch.int32, 50_000), (torch.int16, 300)):
+        data = torch.from_numpy(rng.integers(0, high, 1 << 17)).to(dtype).view(torch.uint8).numpy().tobytes()
+        grouped = len(roundtrip(data, dtype))
+        plain = len(roundtrip(data, dtype, ZstdTransform(grouping="none")))
+        assert grouped < 0.9 * plain, dtype
 
 
 def test_explicit_grouping_by_dtype(chunk_info) -> None:
