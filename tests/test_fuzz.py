@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import dcpx
-from dcpx import framing, manifest
+from dcpx import digest, framing, manifest
 from dcpx.descriptor import parse
 from dcpx.metadata_check import check_metadata
 from dcpx.safe_pickle import safe_loads
@@ -117,13 +117,16 @@ def test_manifest(tmp_path, watchdog):
     metadata_bytes = b"metadata"
     body = manifest.build("0" * 32, metadata_bytes, [
         manifest.ItemRecord("w", [0, 0], "__0_0.distcp", 0, 100, 400, ["frame@dcpx/1", "stream.zstd/1"], {"x": "y"}),
-    ], {"files": {"__0_0.distcp": 100}})
+        manifest.ItemRecord("b", [0], "__0_0.distcp", 100, 56, 56, ["raw@dcpx/1"], {"crc32c": "0a1b2c3d"}),
+    ], {"files": {"__0_0.distcp": 156}})
     key = b"k" * 32
     seeds = [manifest.dumps(body), manifest.dumps(body, key)]
 
     def target(data: bytes) -> None:
         parsed = manifest.loads(data, "fuzz")
         manifest.verify(parsed, metadata_bytes, "fuzz", key if "hmac_sha256" in parsed else None)
+        for recorded in digest.manifest_digests(parsed).values():  # as a reader looks them up
+            digest.check(0x0A1B2C3D, recorded, "fuzz")
 
     fuzz(target, seeds, rng)
 

@@ -15,6 +15,7 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 
+from . import digest
 from .framing import FRAME_DESCRIPTOR, FrameIndex
 from .pipeline import BoundChain
 from .transform import ItemInfo
@@ -32,6 +33,16 @@ class ItemStorageInfo(_StorageInfo):
         return _StorageInfo(self.relative_path, self.offset, self.length, self.transform_descriptors)
 
 
+@dataclass
+class WholeItem:
+    """An item written in one piece: its stored bytes, descriptors and manifest records."""
+
+    data: Any
+    descriptors: list[str] | None
+    records: dict[str, str] = field(default_factory=dict)
+    record_crc: bool = False  # stored as it is: the manifest's CRC-32C is its only check
+
+
 class ItemState:
     """Tracks one item while its pieces are written in order by the file's thread."""
 
@@ -39,7 +50,6 @@ class ItemState:
         self.item, self.name, self.info, self.keep = item, name, info, keep
         self.chunk_size = chunk_size
         self.offset: int | None = None
-        self.descriptors: list[str] | None = None
         self.chain: BoundChain | None = None
         self.sizes: list[tuple[int, ...]] = []
         self.records: list[tuple[str | None, ...]] = []
@@ -48,13 +58,16 @@ class ItemState:
         if self.offset is None:
             self.offset = f.tell()
 
-    def write_whole(self, f: io.BufferedWriter, value: Any) -> WriteResult:
-        data, descriptors = value if isinstance(value, tuple) else (value, self.descriptors)
+    def write_whole(self, f: io.BufferedWriter, whole: WholeItem) -> WriteResult:
         self._start(f)
-        f.write(data)
+        records = whole.records
+        if whole.record_crc:
+            records = {**records, digest.RECORD: digest.write_summed(f, whole.data)}
+        else:
+            f.write(whole.data)
         length = f.tell() - self.offset
         self.keep = None
-        return item_result(self.item, self.name, self.offset, length, descriptors, self.info.nbytes, {})
+        return item_result(self.item, self.name, self.offset, length, whole.descriptors, self.info.nbytes, records)
 
     def write_chunk(self, f: io.BufferedWriter, encoded: Any) -> None:
         self._start(f)
@@ -78,7 +91,7 @@ class ItemState:
         return item_result(self.item, self.name, self.offset, length, descriptors, self.info.nbytes, records)
 
 
-def torch_save_bytes(item: WriteItem, data: Any, chain: BoundChain) -> tuple[bytes, list[str] | None]:
+def torch_save_bytes(item: WriteItem, data: Any, chain: BoundChain) -> WholeItem:
     """Compat mode: the item exactly as stock torch writes it (torch.save, torch's streams)."""
     from .transform import _Sink
 
@@ -92,7 +105,7 @@ def torch_save_bytes(item: WriteItem, data: Any, chain: BoundChain) -> tuple[byt
     else:
         torch.save(data, stream)
     stream.close()
-    return sink.getvalue(), (chain.outermost_first() or None)
+    return WholeItem(sink.getvalue(), chain.outermost_first() or None)
 
 
 def item_result(item: WriteItem, name: str, offset: int, length: int, descriptors: list[str] | None,

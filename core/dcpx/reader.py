@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from . import commit, manifest
+from . import commit, digest, manifest
 from .checkpoint_files import confine, load_manifest, load_metadata, open_regular
 from .descriptor import parse
 from .errors import CheckpointFormatError, DcpxError, IntegrityError, PolicyError
@@ -80,6 +80,7 @@ class FileSystemReader(StorageReader):
         self.storage_data: dict[MetadataIndex, Any] = {}
         self.metadata: Metadata | None = None
         self.manifest: dict[str, Any] | None = None
+        self._digests: dict[tuple[str, int, int], Any] = {}
         self.metadata_error: DcpxError | None = None
         self.rank: int | None = None
         self.use_collectives = True
@@ -89,6 +90,8 @@ class FileSystemReader(StorageReader):
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         self.storage_data = {}
         self.metadata = None
+        self.manifest = None
+        self._digests = {}
         self.metadata_error = None
         self.load_id = str(uuid.uuid4())
         if checkpoint_id:
@@ -170,6 +173,7 @@ class FileSystemReader(StorageReader):
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.metadata = metadata
         self.storage_data = metadata.storage_data
+        self._digests = digest.manifest_digests(self.manifest)
         self.rank = kwargs.get("rank")
         self.use_collectives = kwargs.get("use_collectives", True)
         if not isinstance(self.storage_data, dict):
@@ -231,7 +235,8 @@ class FileSystemReader(StorageReader):
                 f"{where}: item ends at byte {offset + length} but the file has only {opened.size} bytes (truncated?)"
             )
         expected = self._expected(req, where)
-        return ReadJob(self, req, where, opened, offset, length, descriptors, expected)
+        recorded = self._digests.get((rel, offset, length))
+        return ReadJob(self, req, where, opened, offset, length, descriptors, expected, recorded)
 
     def _check_policy(self, where: str, descriptors: list[str]) -> None:
         names = {descriptor_name(d) for d in descriptors}

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 import torch
 
+from . import digest
 from .tensor_bytes import tensor_bytes
 
 _DTYPES = {
@@ -19,11 +20,13 @@ _DTYPES = {
 }
 
 
-def write_safetensors_file(path: str, tensors: Sequence[tuple[Any, torch.Tensor]], sync: bool) -> list[tuple[Any, int, int]]:
+def write_safetensors_file(path: str, tensors: Sequence[tuple[Any, torch.Tensor]],
+                           sync: bool) -> list[tuple[Any, int, int, str]]:
     """Write ``(write_item, tensor)`` pairs as one safetensors file.
 
-    Returns ``(write_item, offset, length)`` with offsets relative to the file start, so DCP
-    metadata points straight at each tensor's bytes inside the safetensors payload.
+    Returns ``(write_item, offset, length, crc32c record)`` with offsets relative to the
+    file start, so DCP metadata points straight at each tensor's bytes inside the
+    safetensors payload.
     """
     header: dict[str, Any] = {}
     saved_offsets: dict[str, list[int]] = {}
@@ -52,9 +55,9 @@ def write_safetensors_file(path: str, tensors: Sequence[tuple[Any, torch.Tensor]
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
         for (item, tensor), key in zip(tensors, keys):
-            f.write(tensor_bytes(tensor))
+            crc = digest.write_summed(f, tensor_bytes(tensor))
             start, end = header[key]["data_offsets"]
-            placed.append((item, base + start, end - start))
+            placed.append((item, base + start, end - start, crc))
         if sync:
             f.flush()
             os.fsync(f.fileno())

@@ -2,7 +2,8 @@
 
 Each framed item is decoded from the outside in, down to and including its outermost
 integrity layer (a checksum, or authenticated encryption if keys are given), chunk by chunk
-on a thread pool.  Nothing is loaded into tensors.  Items with no such layer are "missing".
+on a thread pool; an item stored as it is gets its bytes checked against the CRC-32C the
+manifest records.  Nothing is loaded into tensors.  Items with neither are "missing".
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def verify_checkpoint(
 ) -> list[ItemCheck]:
     """Verify every item of the checkpoint at ``path``; never raises for a bad item."""
     metadata, data = load_metadata(path)
-    load_manifest(path, metadata, data)
     reader = FileSystemReader(path, transforms=transforms, workers=workers)
+    reader.manifest = load_manifest(path, metadata, data)
     reader.set_up_storage_reader(metadata, True)
     files: dict[str, OpenFile] = {}
     results: list[ItemCheck] = []
@@ -90,6 +91,9 @@ def _check(reader: FileSystemReader, files: dict[str, OpenFile], index: Metadata
             job = reader.prepare(req, files)
         if job.descriptors == [RAW_DESCRIPTOR] and job.length == 0:
             return ItemCheck(status="ok", detail="empty tensor: no bytes stored", **base)
+        if job.recorded_crc is not None:
+            job.verify_stored()
+            return ItemCheck(status="ok", detail="crc32c recorded in the manifest", **base)
         if not job.descriptors or job.descriptors[0] != FRAME_DESCRIPTOR:
             return ItemCheck(status="missing", detail="no integrity transform", **base)
         index_, chain = job.frame(job.item_info().nbytes if job.is_tensor else None)

@@ -19,10 +19,10 @@ from torch.distributed.checkpoint.staging import BlockingAsyncStager
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from . import commit, manifest
+from . import commit, digest, manifest
 from .errors import CommitError, ConfigError
 from .framing import RAW_DESCRIPTOR
-from .item_writer import ItemState, ItemStorageInfo, item_result, torch_save_bytes
+from .item_writer import ItemState, ItemStorageInfo, WholeItem, item_result, torch_save_bytes
 from .pipeline import DEFAULT_CHUNK_SIZE, BoundChain, OrderedWindow, codec_pool, default_workers, encode_chunk, iter_chunks
 from .rules import TransformSpec, resolve_transforms
 from .safetensors_io import write_safetensors_file
@@ -214,7 +214,8 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         if self.safetensors and items[0].type != WriteItemType.BYTE_IO:
             tensors = [(item, _cpu_tensor(planner.resolve_data(item))) for item in items]
             placed = write_safetensors_file(path, tensors, self.sync_files)
-            return [item_result(item, name, off, length, [RAW_DESCRIPTOR], length, {}) for item, off, length in placed]
+            return [item_result(item, name, off, length, [RAW_DESCRIPTOR], length, {digest.RECORD: crc})
+                    for item, off, length, crc in placed]
         pool = codec_pool(self.workers)
         window = OrderedWindow(pool, max(4 * self.workers * self.chunk_size, self.per_thread_copy_ahead))
         results: list[WriteResult] = []
@@ -259,8 +260,9 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
             yield (lambda: torch_save_bytes(item, keep, chain), raw.nbytes, state.write_whole)
         elif not chain.transforms or (info.is_tensor and raw.nbytes == 0):
             # an empty tensor has no bytes to transform, and DCP never issues a read for it
-            state.descriptors = [RAW_DESCRIPTOR] if item.type != WriteItemType.BYTE_IO else None
-            yield (lambda: raw, raw.nbytes, state.write_whole)  # cost bounds staged GPU->CPU copies
+            descriptors = [RAW_DESCRIPTOR] if item.type != WriteItemType.BYTE_IO else None
+            yield (lambda: WholeItem(raw, descriptors, record_crc=True), raw.nbytes, state.write_whole)
+            # (the cost bounds staged GPU->CPU copies)
         else:
             state.chain = chain
             for k, offset, size in iter_chunks(raw.nbytes, self.chunk_size):
