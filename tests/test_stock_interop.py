@@ -281,3 +281,39 @@ def test_storage_meta_names_checkpoint_save_and_load(tmp_path: Path) -> None:
     first = reader.load_id
     reader.reset()
     assert reader.load_id != first  # each load gets its own id, as with stock torch
+
+
+@pytest.mark.parametrize("stock", [True, False])
+def test_items_holding_buffers_are_read_one_per_core(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     stock: bool) -> None:
+    """Stock items (``torch.load`` allocates each one whole) run at most one per core at a
+    time, so memory stays as stock's reader needs; raw dcpx items, read straight into their
+    tensors, may run two per core."""
+    import threading
+    import time
+
+    from dcpx.read_job import ReadJob
+    from dcpx.reader import READS_PER_CORE
+
+    state = {f"t{i}": torch.randn(64, 64) for i in range(24)}
+    writer = dcp.FileSystemWriter(tmp_path) if stock else dcpx.FileSystemWriter(tmp_path)
+    dcp.save(state, storage_writer=writer)
+    lock, running, most = threading.Lock(), [0], [0]
+    run = ReadJob.run
+
+    def counted(self: ReadJob, target: Any) -> Any:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            time.sleep(0.05)  # long enough for the pool's other threads to start theirs
+            return run(self, target)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(ReadJob, "run", counted)
+    dest = blank(state)
+    dcp.load(dest, storage_reader=dcpx.FileSystemReader(tmp_path, workers=2))
+    assert_same(dest, state)
+    assert most[0] == (2 if stock else 2 * READS_PER_CORE)

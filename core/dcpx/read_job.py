@@ -188,6 +188,19 @@ class ReadJob:
         return ItemInfo(self.req.storage_index.fqn, math.prod(shape) * element_size(dtype), dtype, shape,
                         tuple(self.req.storage_index.offset or ()), self._checkpoint_id())
 
+    def _leading_only(self) -> bool:
+        """Whether the request narrows only the leading dimension, i.e. asks for one
+        contiguous byte range of the stored item."""
+        shape = self.expected[1] if self.expected else ()
+        return all(int(o) == 0 and int(n) == s
+                   for o, n, s in zip(self.req.storage_offsets[1:], self.req.lengths[1:], shape[1:]))
+
+    def reads_in_place(self, target: torch.Tensor | None) -> bool:
+        """Whether ``run`` reads the stored bytes straight into ``target``'s own memory,
+        holding no buffer of its own (a raw item asked for whole rows, same dtype)."""
+        return (target is not None and self.descriptors == [RAW_DESCRIPTOR] and target.dtype == self.expected[0]
+                and self._leading_only() and writable_bytes(target) is not None)
+
     def _into_tensor(self, target: torch.Tensor, fill: Any) -> torch.Tensor:
         dtype, shape = self.expected
         req = self.req
@@ -200,9 +213,7 @@ class ReadJob:
         itemsize = element_size(dtype)
         if math.prod(lengths) == 0:  # the frame, if any, was validated in _native
             return target
-        # rows: the request is a contiguous byte range when only the leading dim is narrowed
-        leading_only = all(o == 0 and n == s for o, n, s in zip(offsets[1:], lengths[1:], shape[1:]))
-        if leading_only:
+        if self._leading_only():
             row = math.prod(shape[1:]) * itemsize
             lo = (offsets[0] if shape else 0) * row
             hi = lo + math.prod(lengths) * itemsize

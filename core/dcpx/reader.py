@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
@@ -31,6 +32,9 @@ from .plugins import as_transform, host
 from .read_job import OpenFile, ReadJob
 from .safe_pickle import load_weights_only
 from .transform import TorchStreamTransform, Transform, descriptor_name, transform_name
+
+
+READS_PER_CORE = 2
 
 
 class FileSystemReader(StorageReader):
@@ -190,9 +194,13 @@ class FileSystemReader(StorageReader):
         try:
             jobs = [self.prepare(req, files) for req in plan.items]
             targets = [(job, planner.resolve_tensor(job.req).detach() if job.is_tensor else None) for job in jobs]
-            item_pool = ThreadPoolExecutor(self.workers, thread_name_prefix="dcpx-reader")
+            # Raw items go from the file straight into their tensors, and a cold one waits on
+            # the disk: two reads per core keep more requests in flight (performance.md).
+            # Every other item holds buffers while it runs: at most one per core at a time.
+            buffered = threading.BoundedSemaphore(self.workers)
+            item_pool = ThreadPoolExecutor(READS_PER_CORE * self.workers, thread_name_prefix="dcpx-reader")
             try:
-                futures = [item_pool.submit(job.run, target) for job, target in targets]
+                futures = [item_pool.submit(_run, job, target, buffered) for job, target in targets]
                 for (job, target), fut in zip(targets, futures):
                     value = fut.result()
                     if job.is_tensor:
@@ -275,3 +283,10 @@ class FileSystemReader(StorageReader):
                 raise type(exc)(f"{where}: {exc}") from exc
             self._cache[text] = cached
         return cached
+
+
+def _run(job: ReadJob, target: torch.Tensor | None, buffered: threading.BoundedSemaphore) -> Any:
+    if job.reads_in_place(target):
+        return job.run(target)
+    with buffered:
+        return job.run(target)
