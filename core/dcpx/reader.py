@@ -286,6 +286,7 @@ class FileSystemReader(StorageReader):
 
 
 def _run(job: ReadJob, target: torch.Tensor | None, buffered: threading.BoundedSemaphore) -> Any:
+    """Run one read on an item thread; reads that hold buffers take a slot of ``buffered``."""
     if job.reads_in_place(target):
         return job.run(target)
     with buffered:
