@@ -35,11 +35,10 @@ class ItemStorageInfo(_StorageInfo):
 
 @dataclass
 class WholeItem:
-    """An item written in one piece: its stored bytes, descriptors and manifest records."""
+    """An item written in one piece: its stored bytes and descriptors."""
 
     data: Any
     descriptors: list[str] | None
-    records: dict[str, str] = field(default_factory=dict)
     record_crc: bool = False  # stored as it is: the manifest's CRC-32C is its only check
 
 
@@ -60,9 +59,9 @@ class ItemState:
 
     def write_whole(self, f: io.BufferedWriter, whole: WholeItem) -> WriteResult:
         self._start(f)
-        records = whole.records
+        records: dict[str, str] = {}
         if whole.record_crc:
-            records = {**records, digest.RECORD: digest.write_summed(f, whole.data)}
+            records[digest.RECORD] = digest.write_summed(f, whole.data)
         else:
             f.write(whole.data)
         length = f.tell() - self.offset

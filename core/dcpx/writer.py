@@ -261,8 +261,8 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         elif not chain.transforms or (info.is_tensor and raw.nbytes == 0):
             # an empty tensor has no bytes to transform, and DCP never issues a read for it
             descriptors = [RAW_DESCRIPTOR] if item.type != WriteItemType.BYTE_IO else None
+            # the cost (raw.nbytes) bounds staged GPU->CPU copies in flight
             yield (lambda: WholeItem(raw, descriptors, record_crc=True), raw.nbytes, state.write_whole)
-            # (the cost bounds staged GPU->CPU copies)
         else:
             state.chain = chain
             for k, offset, size in iter_chunks(raw.nbytes, self.chunk_size):
