@@ -536,6 +536,38 @@ def test_gadget_nested_in_valid_metadata(ckpt: Path, tmp_path: Path, watchdog: d
     assert not sentinel.exists()
 
 
+def _build_on(target: bytes, attribute: str) -> bytes:
+    """A pickle (protocol 2) that pushes ``target`` and sets ``attribute`` on it to
+    ``builtins.set`` through BUILD's slot state, as a forged file would."""
+    name = attribute.encode()
+    return (b"\x80\x02" + target + b"N}X" + struct.pack("<I", len(name)) + name
+            + b"cbuiltins\nset\ns\x86b.")
+
+
+_METADATA_CLASS = b"ctorch.distributed.checkpoint.metadata\nMetadata\n"
+_ENUM_MEMBER = b"ctorch.distributed.checkpoint.metadata\n_MEM_FORMAT_ENCODING\nK\x01\x85R"
+
+
+@pytest.mark.parametrize("target, owner, needle", [
+    (_METADATA_CLASS, lambda: dcp.metadata.Metadata, "the class Metadata"),
+    (_ENUM_MEMBER, lambda: dcp.metadata._MEM_FORMAT_ENCODING(1), "a _MEM_FORMAT_ENCODING"),
+], ids=["class", "enum-member"])
+def test_metadata_cannot_change_shared_objects(ckpt: Path, watchdog: dict[str, bool], target: bytes,
+                                               owner: Callable[[], Any], needle: str) -> None:
+    """BUILD on a class or an enum member would patch it for the whole process."""
+    (ckpt / ".metadata").write_bytes(_build_on(target, "planted"))
+    expect_metadata_refusal(ckpt, dcpx.UnsafeCheckpointError, ".metadata", needle)
+    load_fails(ckpt, watchdog)
+    assert not hasattr(owner(), "planted")
+
+
+def test_metadata_bytearray_longer_than_the_file(ckpt: Path, watchdog: dict[str, bool]) -> None:
+    """BYTEARRAY8 declares its length; 1 TiB in a 13-byte file is refused before allocating."""
+    (ckpt / ".metadata").write_bytes(b"\x80\x05\x96" + struct.pack("<Q", 1 << 40) + b".")
+    expect_metadata_refusal(ckpt, dcpx.UnsafeCheckpointError, ".metadata", "bytearray claims 1099511627776 bytes")
+    load_fails(ckpt, watchdog)
+
+
 @pytest.mark.parametrize("data", [b"", b"\x80\x05", b"not a pickle at all", pickle.dumps({"a": 1}),
                                   pickle.dumps([1, 2, 3])], ids=["empty", "truncated", "text", "dict", "list"])
 def test_garbage_metadata(ckpt: Path, watchdog: dict[str, bool], data: bytes) -> None:

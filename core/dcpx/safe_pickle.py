@@ -9,6 +9,7 @@ types in metadata add them through the ``dcpx_safe_globals`` hook.
 
 from __future__ import annotations
 
+import enum
 import gc
 import io
 import pickle
@@ -56,20 +57,57 @@ _TORCH_ATTRS = (torch.dtype, torch.layout, torch.memory_format)
 # The pure-Python unpickler keeps its memo in a dict: the C one sizes an array from the
 # memo index in the stream, so a forged index allocates gigabytes before anything fails.
 class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
-    def __init__(self, file: io.BufferedIOBase, where: str, extra: set[tuple[str, str]]) -> None:
+    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+
+    def __init__(self, file: io.BufferedIOBase, size: int, where: str, extra: set[tuple[str, str]]) -> None:
         super().__init__(file)
+        self._size = size
         self._where = where
         self._extra = extra
+        self._buildable: set[type] = set()
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED or (module, name) in self._extra:
-            return super().find_class(module, name)
+            found = super().find_class(module, name)
+            if isinstance(found, type) and not issubclass(found, enum.Enum):
+                self._buildable.add(found)
+            return found
         if module == "torch" and isinstance(getattr(torch, name, None), _TORCH_ATTRS):
             return getattr(torch, name)
         raise UnsafeCheckpointError(
             f"{self._where}: refusing to load {module}.{name}; only DCP metadata types are allowed "
             f"(a plugin can allow its own types with the dcpx_safe_globals hook)"
         )
+
+    def _load_build(self) -> None:
+        """BUILD sets attributes, so it may only fill in an object this pickle created from an
+        allowed class.  On a class, an enum member or a torch singleton it would change state
+        shared by the whole process (``Metadata.__eq__``, say) before anything is checked."""
+        target = self.stack[-2] if len(self.stack) >= 2 else None
+        if type(target) not in self._buildable:
+            what = f"the class {target.__qualname__}" if isinstance(target, type) else f"a {type(target).__qualname__}"
+            raise UnsafeCheckpointError(
+                f"{self._where}: refusing to set attributes on {what}; metadata may only fill in "
+                "new objects of DCP metadata types"
+            )
+        super().load_build()
+
+    def _load_bytearray8(self) -> None:
+        """The stock handler allocates and zeroes the declared length before reading it: a
+        12-byte file could claim terabytes."""
+        declared = int.from_bytes(self.read(8), "little")
+        if declared > self._size:
+            raise UnsafeCheckpointError(
+                f"{self._where}: a bytearray claims {declared} bytes, more than the whole "
+                f"{self._size}-byte file (truncated or forged)"
+            )
+        data = self.read(declared)
+        if len(data) != declared:
+            raise UnsafeCheckpointError(f"{self._where}: pickle data was truncated")
+        self.append(bytearray(data))
+
+    dispatch[pickle.BUILD[0]] = _load_build
+    dispatch[pickle.BYTEARRAY8[0]] = _load_bytearray8
 
     def persistent_load(self, pid: Any) -> Any:
         raise UnsafeCheckpointError(f"{self._where}: persistent ids are not allowed in checkpoint metadata")
@@ -84,7 +122,7 @@ def safe_loads(data: bytes, where: str, extra: Iterable[tuple[str, str]] = ()) -
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _RestrictedUnpickler(io.BytesIO(data), where, set(extra)).load()
+        return _RestrictedUnpickler(io.BytesIO(data), len(data), where, set(extra)).load()
     except UnsafeCheckpointError:
         raise
     except Exception as exc:  # truncated or garbled pickles raise many kinds of errors
