@@ -582,10 +582,12 @@ def test_missing_metadata(ckpt: Path, watchdog: dict[str, bool]) -> None:
     load_fails(ckpt, watchdog)
 
 
-def test_garbage_manifest(ckpt: Path, watchdog: dict[str, bool]) -> None:
+@pytest.mark.parametrize("data", [b"{not json", b"[" * 100_000 + b"]" * 100_000, b'{"format": ' + b"9" * 5000 + b"}"],
+                         ids=["garbage", "deeply-nested", "huge-number"])
+def test_garbage_manifest(ckpt: Path, watchdog: dict[str, bool], data: bytes) -> None:
     (manifest,) = glob.glob(str(ckpt / ".dcpx-manifest-*.json"))
-    Path(manifest).write_bytes(b"{not json")
-    expect_metadata_refusal(ckpt, dcpx.CheckpointFormatError, "manifest")
+    Path(manifest).write_bytes(data)
+    expect_metadata_refusal(ckpt, dcpx.CheckpointFormatError, f"{manifest}: manifest is not valid JSON")
     load_fails(ckpt, watchdog)
 
 

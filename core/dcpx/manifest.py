@@ -75,7 +75,7 @@ def loads(data: bytes, where: str) -> dict[str, Any]:
         raise CheckpointFormatError(f"{where}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
     try:
         manifest = json.loads(data)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: arrays nested thousands deep
         raise CheckpointFormatError(f"{where}: manifest is not valid JSON ({exc})") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointFormatError(f"{where}: not a dcpx manifest")

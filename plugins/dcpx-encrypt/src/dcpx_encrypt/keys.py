@@ -191,7 +191,7 @@ def load_keyfile(path: str | os.PathLike[str]) -> tuple[dict[str, bytes], str | 
         warnings.warn(f"{source} is readable by other users; chmod 600 it", stacklevel=4)
     try:
         doc: Any = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise KeyConfigError(f"{source} is not valid JSON: {exc}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("keys"), dict) or not doc["keys"]:
         raise KeyConfigError(f'{source}: expected {{"primary": "<id>", "keys": {{"<id>": "<base64>"}}}}')
