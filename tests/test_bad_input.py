@@ -562,7 +562,7 @@ def test_metadata_cannot_change_shared_objects(ckpt: Path, watchdog: dict[str, b
 
 
 def test_metadata_bytearray_longer_than_the_file(ckpt: Path, watchdog: dict[str, bool]) -> None:
-    """BYTEARRAY8 declares its length; 1 TiB in a 13-byte file is refused before allocating."""
+    """BYTEARRAY8 declares its length; 1 TiB in a 12-byte file is refused before allocating."""
     (ckpt / ".metadata").write_bytes(b"\x80\x05\x96" + struct.pack("<Q", 1 << 40) + b".")
     expect_metadata_refusal(ckpt, dcpx.UnsafeCheckpointError, ".metadata", "bytearray claims 1099511627776 bytes")
     load_fails(ckpt, watchdog)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CheckpointFormatError, IntegrityError
+from .gc_pause import gc_paused
 
 FORMAT = "dcpx-manifest"
 VERSION = 1
@@ -67,14 +68,20 @@ def dumps(manifest: dict[str, Any], hmac_key: bytes | None = None) -> bytes:
     body.pop("hmac_sha256", None)
     if hmac_key is not None:
         body["hmac_sha256"] = hmac.new(hmac_key, _canonical(body), hashlib.sha256).hexdigest()
-    return json.dumps(body, indent=1, sort_keys=True).encode() + b"\n"
+    # One item per line, by hand: json's fast C encoder does not indent, and its Python one
+    # took most of a 10,000-item save's commit.  Items stay easy to read and grep.
+    items = body.pop("items")
+    head = json.dumps(body, sort_keys=True)[:-1]
+    rows = ",\n".join(json.dumps(item, sort_keys=True) for item in items)
+    return f'{head}, "items": [\n{rows}\n]}}\n'.encode()
 
 
 def loads(data: bytes, where: str) -> dict[str, Any]:
     if len(data) > MAX_MANIFEST_BYTES:
         raise CheckpointFormatError(f"{where}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
     try:
-        manifest = json.loads(data)
+        with gc_paused():
+            manifest = json.loads(data)
     except (ValueError, RecursionError) as exc:  # RecursionError: arrays nested thousands deep
         raise CheckpointFormatError(f"{where}: manifest is not valid JSON ({exc})") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
