@@ -561,6 +561,24 @@ def test_metadata_cannot_change_shared_objects(ckpt: Path, watchdog: dict[str, b
     assert not hasattr(owner(), "planted")
 
 
+def test_metadata_tuples_nested_too_deep(ckpt: Path, watchdog: dict[str, bool]) -> None:
+    """A dict key of tuples nested 200,000 deep: hashing it would recurse in C and crash."""
+    (ckpt / ".metadata").write_bytes(b"\x80\x02}" + b")" + b"\x85" * 200_000 + b"Ns.")
+    expect_metadata_refusal(ckpt, dcpx.UnsafeCheckpointError, ".metadata", "tuples nested more than 64 deep")
+    load_fails(ckpt, watchdog)
+
+
+def test_metadata_copying_one_string_over_and_over(ckpt: Path, watchdog: dict[str, bool]) -> None:
+    """``list`` is an allowed callable: each ``list(s)`` of a memoised 1 MiB string costs the
+    pickle 7 bytes and memory 8 MiB.  The budget refuses it after a few copies."""
+    size = 1 << 20
+    blob = (b"\x80\x02cbuiltins\nlist\nq\x00X" + struct.pack("<I", size) + b"a" * size + b"q\x010]"
+            + b"h\x00h\x01\x85Ra" * 200 + b".")
+    (ckpt / ".metadata").write_bytes(blob)
+    expect_metadata_refusal(ckpt, dcpx.UnsafeCheckpointError, ".metadata", "builds far more than")
+    load_fails(ckpt, watchdog)
+
+
 def test_metadata_bytearray_longer_than_the_file(ckpt: Path, watchdog: dict[str, bool]) -> None:
     """BYTEARRAY8 declares its length; 1 TiB in a 12-byte file is refused before allocating."""
     (ckpt / ".metadata").write_bytes(b"\x80\x05\x96" + struct.pack("<Q", 1 << 40) + b".")

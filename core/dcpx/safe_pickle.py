@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import io
 import pickle
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -53,6 +53,17 @@ _ALLOWED: set[tuple[str, str]] = {
 }
 _TORCH_ATTRS = (torch.dtype, torch.layout, torch.memory_format)
 
+# Tuples hash their items recursively in C with no depth check: a 200 KB pickle of tuples
+# nested 200,000 deep crashes the interpreter the moment one is used as a dict key.  DCP
+# metadata nests tuples two or three deep.
+MAX_TUPLE_NESTING = 64
+# Allowed callables such as ``list`` can copy one memoised string or list again and again,
+# a few bytes of pickle for every megabyte built.  Everything they return together may hold
+# this many elements per byte of the file (plus a floor), which no real metadata approaches.
+_BUILT_PER_BYTE = 2
+_BUILT_FLOOR = 1 << 20
+_SIZED = (str, bytes, bytearray, tuple, list, dict, set, frozenset)
+
 
 # The pure-Python unpickler keeps its memo in a dict: the C one sizes an array from the
 # memo index in the stream, so a forged index allocates gigabytes before anything fails.
@@ -66,6 +77,8 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         self._where = where
         self._extra = extra
         self._buildable: set[type] = set()
+        self._nested: dict[int, tuple[tuple[Any, ...], int]] = {}  # id -> (tuple, depth >= 2)
+        self._build_budget = _BUILT_PER_BYTE * size + _BUILT_FLOOR
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED or (module, name) in self._extra:
@@ -116,9 +129,56 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
             )
         return length
 
+    def _admit_tuple(self, value: tuple[Any, ...]) -> None:
+        """Record how deeply ``value`` nests tuples (only those nesting at all are kept, and
+        kept alive, so that ids stay unique while the pickle loads)."""
+        nested = self._nested
+        depth = 1 + max((nested[id(e)][1] if id(e) in nested else 1 for e in value if type(e) is tuple), default=0)
+        if depth > 1:
+            if depth > MAX_TUPLE_NESTING:
+                raise UnsafeCheckpointError(f"{self._where}: tuples nested more than {MAX_TUPLE_NESTING} deep")
+            nested[id(value)] = (value, depth)
+
+    def _admit_built(self) -> None:
+        """Charge what an allowed callable just returned (top of the stack) to the budget."""
+        value = self.stack[-1]
+        if isinstance(value, _SIZED):
+            self._build_budget -= len(value)
+            if self._build_budget < 0:
+                raise UnsafeCheckpointError(
+                    f"{self._where}: the pickle builds far more than its {self._size} bytes hold "
+                    "(containers copied over and over: forged)"
+                )
+            if type(value) is tuple:
+                self._admit_tuple(value)
+
+    def _load_tuple(self) -> None:
+        value = tuple(self.pop_mark())
+        self.append(value)
+        self._admit_tuple(value)
+
+    def _load_tuple1(self) -> None:
+        stack = self.stack
+        stack[-1] = value = (stack[-1],)
+        self._admit_tuple(value)
+
+    def _load_tuple2(self) -> None:
+        stack = self.stack
+        stack[-2:] = [value := (stack[-2], stack[-1])]
+        self._admit_tuple(value)
+
+    def _load_tuple3(self) -> None:
+        stack = self.stack
+        stack[-3:] = [value := (stack[-3], stack[-2], stack[-1])]
+        self._admit_tuple(value)
+
     dispatch[pickle.BUILD[0]] = _load_build
     dispatch[pickle.BYTEARRAY8[0]] = _load_bytearray8
     dispatch[pickle.FRAME[0]] = _skip_frame
+    dispatch[pickle.TUPLE[0]] = _load_tuple
+    dispatch[pickle.TUPLE1[0]] = _load_tuple1
+    dispatch[pickle.TUPLE2[0]] = _load_tuple2
+    dispatch[pickle.TUPLE3[0]] = _load_tuple3
 
     def load(self) -> Any:
         """Run the opcodes straight off the in-memory file.  The stock loop reads through a
@@ -142,6 +202,18 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
 
     def persistent_load(self, pid: Any) -> Any:
         raise UnsafeCheckpointError(f"{self._where}: persistent ids are not allowed in checkpoint metadata")
+
+
+def _charging(handler: Callable[[Any], None]) -> Callable[[_RestrictedUnpickler], None]:
+    def run(self: _RestrictedUnpickler) -> None:
+        handler(self)
+        self._admit_built()
+    return run
+
+
+# the opcodes that call an allowed callable and push what it returns
+for _op in (pickle.REDUCE, pickle.NEWOBJ, pickle.NEWOBJ_EX, pickle.OBJ, pickle.INST):
+    _RestrictedUnpickler.dispatch[_op[0]] = _charging(_RestrictedUnpickler.dispatch[_op[0]])
 
 
 def safe_loads(data: bytes, where: str, extra: Iterable[tuple[str, str]] = ()) -> Any:
