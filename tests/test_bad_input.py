@@ -10,6 +10,7 @@ import pickle
 import shutil
 import signal
 import struct
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,6 +21,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
 import dcpx
+import dcpx.checkpoint_files
+import dcpx.inspect
+import dcpx.verify
 from checkpoint_helpers import rewrite_metadata, storage_items
 from dcpx import framing
 
@@ -325,6 +329,40 @@ def test_stock_item_with_a_gadget_is_refused(stock: Path, tmp_path: Path, watchd
     assert not sentinel.exists()
 
 
+def _deflated_payload(path: Path, fqn: str, obj: Any) -> None:
+    """Like ``_append_payload``, with every member of the archive DEFLATE-compressed."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    packed = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as src, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    info = _items(path)[fqn]
+    with open(path / info.relative_path, "ab") as f:
+        offset = f.tell()
+        f.write(packed.getvalue())
+    rewrite_metadata(path, _set_info(fqn, offset=offset, length=len(packed.getvalue())))
+
+
+@pytest.mark.parametrize("fqn, obj", [("model.b", torch.arange(16.0)), ("extra.note", "hi")], ids=["tensor", "non-tensor"])
+def test_stock_item_with_a_compressed_archive_is_refused(stock: Path, watchdog: dict[str, bool], fqn: str, obj: Any) -> None:
+    """torch.load would inflate a compressed member whole before any size check (a zip bomb)."""
+    _deflated_payload(stock, fqn, obj)
+    expect_refusal(stock, watchdog, dcpx.UnsafeCheckpointError, fqn, "is compressed")
+
+
+def test_stock_safetensors_output_is_named(tmp_path: Path, watchdog: dict[str, bool]) -> None:
+    """Stock torch's SAFETENSORS output points every tensor at its file's header; say so
+    instead of suggesting weights_only=False."""
+    from torch.distributed.checkpoint.filesystem import SerializationFormat
+
+    path = tmp_path / "st"
+    dcp.save({"model.w": torch.ones(4, 4)}, storage_writer=dcp.FileSystemWriter(
+        path, serialization_format=SerializationFormat.SAFETENSORS))
+    expect_refusal(path, watchdog, dcpx.CheckpointFormatError, "model.w", "holds a safetensors header",
+                   dest={"model.w": torch.zeros(4, 4)})
+
+
 def test_stock_item_of_another_shape_is_refused(stock: Path, watchdog: dict[str, bool]) -> None:
     _append_payload(stock, "model.w", torch.zeros(100, 40))
     expect_refusal(stock, watchdog, dcpx.CheckpointFormatError, "model.w", "does not match metadata")
@@ -464,7 +502,20 @@ FORGED_STRUCTURE: dict[str, tuple[Callable[[Any], None], str]] = {
     "sparse-list-index": (lambda m: m.planner_data.__setitem__("model.w", ("model", 10**12)), "far beyond"),
     "path-through-value": (lambda m: m.planner_data.__setitem__("model.b", ("model.w", "x")), "does not fit"),
     "index-into-dict": (lambda m: m.planner_data.__setitem__("model.b", ("extra", 5)), "does not fit"),
+    # past 4300 digits Python refuses to print an integer, so even the message needs care
+    "size-huge-int": (lambda m: setattr(_tensor_md(m), "size", [10**5000, 100]), "too large to show"),
+    "offset-huge-int": (lambda m: _set_info("model.w", offset=10**5000)(m), "too large to show"),
+    "path-huge-index": (lambda m: m.planner_data.__setitem__("model.w", ("model", 10**5000)), "too large to show"),
+    # one chunk list referenced by 2,000 entries: every check and planner would walk it each time
+    "shared-chunk-lists": (lambda m: m.state_dict_metadata.update(
+        {f"copy{i}": _with_chunks(_tensor_md(m), 2000) for i in range(2000)}), "referenced over and over"),
 }
+
+
+def _with_chunks(entry: Any, count: int) -> Any:
+    """``entry`` with its one chunk listed ``count`` times (pickled once, referenced after)."""
+    entry.chunks = entry.chunks * count if len(entry.chunks) == 1 else entry.chunks
+    return entry
 
 
 @pytest.mark.parametrize("forgery", list(FORGED_STRUCTURE))
@@ -738,3 +789,48 @@ def test_damaged_metadata_does_not_fall_back_to_rank_local_metadata(framed: Path
 
 def test_missing_checkpoint_directory(tmp_path: Path, watchdog: dict[str, bool]) -> None:
     expect_refusal(tmp_path / "nothing-here", watchdog, dcpx.CheckpointFormatError, "nothing-here")
+
+
+# -- failures no check foresaw ----------------------------------------------------------------------------
+
+HUGE = 10 ** 5000  # more digits than Python agrees to turn into a string
+
+
+def test_unforeseen_failure_checking_metadata_names_the_file(ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``inspect`` and ``verify`` read ``.metadata`` without the reader's safety net; the
+    loader has its own, which survives even an exception whose message cannot be formatted."""
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise ValueError(HUGE)
+
+    monkeypatch.setattr(dcpx.checkpoint_files, "check_metadata", broken)
+    with pytest.raises(dcpx.CheckpointFormatError, match=r"/\.metadata: cannot be read \(ValueError"):
+        dcpx.checkpoint_files.load_metadata(str(ckpt))
+
+
+def test_unforeseen_failure_checking_the_manifest_names_the_file(ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise TypeError("unhashable type: 'list'")
+
+    monkeypatch.setattr(dcpx.manifest, "verify", broken)
+    metadata, data = dcpx.checkpoint_files.load_metadata(str(ckpt))
+    with pytest.raises(dcpx.CheckpointFormatError, match=r"\.dcpx-manifest-[0-9a-f]{32}\.json: cannot be read \(TypeError"):
+        dcpx.checkpoint_files.load_manifest(str(ckpt), metadata, data)
+
+
+def test_integers_too_long_to_print_in_metadata(ckpt: Path) -> None:
+    """Messages that quote such an integer raise ``ValueError`` while being formatted."""
+    rewrite_metadata(ckpt, lambda md: setattr(_tensor_md(md).chunks[0], "offsets", [HUGE, 0]))
+    for read in (dcpx.checkpoint_files.load_metadata, dcpx.inspect.describe, dcpx.verify.verify_checkpoint):
+        with pytest.raises(dcpx.CheckpointFormatError, match=r"\.metadata"):
+            read(str(ckpt))
+
+
+def test_inspect_survives_sizes_no_float_holds(ckpt: Path) -> None:
+    """A stored length of 10**5000 bytes: the ratio does not fit a float."""
+    assert dcpx.inspect.ratio(HUGE, 3) is None and dcpx.inspect.ratio(4, 8) == 0.5 and dcpx.inspect.ratio(1, 0) is None
+    rewrite_metadata(ckpt, _set_info("model.w", length=HUGE))
+    try:
+        info = dcpx.inspect.describe(str(ckpt))
+    except dcpx.DcpxError:
+        return  # refused by the metadata check: as good
+    assert info["totals"]["ratio"] is None

@@ -11,7 +11,10 @@ import pytest
 import torch.distributed.checkpoint as dcp
 
 import dcpx
-from checkpoint_helpers import data_files
+import dcpx.checkpoint_files
+import dcpx.cli
+import dcpx.inspect
+from checkpoint_helpers import data_files, rewrite_metadata
 from cli_helpers import Command, error_line, installed, installed_plugins, run_all, training_state
 
 HAS_CHECKSUM = installed("dcpx_checksum")
@@ -29,7 +32,33 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = bytearray(victim.read_bytes())
     data[len(data) // 3] ^= 0x40  # inside the large item's compressed chunks
     victim.write_bytes(data)
+    _damage(root)
     return root
+
+
+HUGE = 10 ** 5000  # more digits than Python agrees to turn into a string
+
+
+def _damage(root: Path) -> None:
+    """Checkpoints only a forger or a broken tool writes, each failing in another layer."""
+    shutil.copytree(root / "checked", root / "bad_manifest")  # valid JSON, hash matches, items of the wrong shape
+    (name,) = (root / "bad_manifest").glob(".dcpx-manifest-*.json")
+    body = json.loads(name.read_text())
+    body["items"][0] = 1
+    name.write_text(json.dumps(body))
+    for case, edit in {"huge_chunk": _huge_chunk_offset, "huge_length": _huge_length}.items():
+        shutil.copytree(root / "stock", root / case)
+        rewrite_metadata(root / case, edit)
+
+
+def _huge_chunk_offset(metadata: Any) -> None:
+    metadata.state_dict_metadata["model.proj.bias"].chunks[0].offsets = [HUGE]
+
+
+def _huge_length(metadata: Any) -> None:
+    for index, info in metadata.storage_data.items():
+        if index.fqn == "model.proj.bias":
+            info.length = HUGE
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +70,10 @@ def results(work: Path) -> dict[str, Any]:
         "verify_stock": Command(["verify", "stock", "--quiet"], spawn=True),
         "verify_allow": Command(["verify", "stock", "--allow-missing", "--quiet"]),
         "verify_missing_path": Command(["verify", "no_such_checkpoint"]),
+        **{f"{cmd}_{case}": Command([cmd, case, *extra])
+           for cmd, extra in (("inspect", []), ("verify", ["--quiet"]))
+           for case in ("bad_manifest", "huge_chunk", "huge_length")},
+        "inspect_json_huge_length": Command(["inspect", "huge_length", "--json"]),
     }
     if HAS_CHECKSUM:
         cmds["verify_ok"] = Command(["verify", "checked"])
@@ -119,3 +152,36 @@ def test_verify_damaged_checkpoint_json(results: dict[str, Any]) -> None:
     assert report["ok"] == 7 and report["missing"] == []
     (failed,) = report["failed"]
     assert failed["fqn"] == "model.embed.weight" and "mismatch" in failed["detail"]
+
+
+@pytest.mark.parametrize("name", ["inspect_bad_manifest", "verify_bad_manifest"])
+def test_malformed_manifest_is_an_input_error(results: dict[str, Any], name: str) -> None:
+    r = results[name]
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "manifest item 0 is 1, expected an object" in error_line(r, name.split("_")[0])
+
+
+@pytest.mark.parametrize("name", ["inspect_huge_chunk", "verify_huge_chunk", "inspect_huge_length",
+                                  "verify_huge_length", "inspect_json_huge_length"])
+def test_integers_too_long_to_print_are_an_input_error(results: dict[str, Any], name: str) -> None:
+    """Whichever layer fails on them, the user gets one line naming the checkpoint, exit 2."""
+    r = results[name]
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "huge_" in error_line(r, name.split("_")[0])
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_unexpected_error_is_one_line_and_exit_2(work: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str], command: str) -> None:
+    """An exception no check foresaw (here one whose message cannot even be formatted)."""
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise ValueError(HUGE)
+
+    monkeypatch.setattr(dcpx.inspect, "describe", broken)
+    monkeypatch.setattr(dcpx.checkpoint_files, "load_metadata", broken)
+    assert dcpx.cli.main([command, str(work / "checked"), *(["--quiet"] if command == "verify" else [])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"dcpx {command}: {work / 'checked'}: "), err
+    assert "ValueError" in err[0]

@@ -135,6 +135,7 @@ def test_io_error_at_every_write_leaves_previous_intact(committed, monkeypatch):
 
 def test_concurrent_save_is_refused(committed):
     lock = commit.SaveLock(str(committed))
+    lock.busy = True  # a save that is writing or committing right now
     lock.acquire()
     try:
         with pytest.raises(dcpx.CommitError, match="another save"):
@@ -142,6 +143,39 @@ def test_concurrent_save_is_refused(committed):
     finally:
         lock.release()
     assert _load_values(committed) == {1.0}
+
+
+def _write_without_finishing(path, value: float) -> tuple[dcpx.FileSystemWriter, object, list]:
+    """A save whose data is written but whose ``finish`` never comes, as when another rank
+    failed: DCP then raises on every rank without calling the coordinator's ``finish``."""
+    from torch.distributed.checkpoint import DefaultSavePlanner
+
+    writer = dcpx.FileSystemWriter(path, transforms=["zstd"], sync_files=False)
+    planner = DefaultSavePlanner()
+    planner.set_up_planner(_state(value), writer.storage_meta(), is_coordinator=True)
+    writer.set_up_storage_writer(True, rank=0, use_collectives=True)
+    plans, metadata = planner.create_global_plan([writer.prepare_local_plan(planner.create_local_plan())])
+    plan = planner.finish_plan(writer.prepare_global_plan(plans)[0])
+    return writer, metadata, writer.write_data(plan, planner).wait()
+
+
+def test_a_save_left_unfinished_does_not_lock_the_path(committed):
+    stale, metadata, results = _write_without_finishing(committed, 2.0)
+    dcpx.save(_state(3.0), committed, transforms=["zstd"], sync_files=False)  # the retry
+    assert _load_values(committed) == {3.0}
+    _assert_no_leftovers(committed)
+    with pytest.raises(dcpx.CommitError, match="took over"):
+        stale.finish(metadata, [results])  # a late finish must not commit over the retry
+    assert _load_values(committed) == {3.0}
+
+
+def test_a_save_still_writing_keeps_the_lock(committed):
+    stale, metadata, results = _write_without_finishing(committed, 2.0)
+    stale._lock.busy = True  # as while it writes or commits
+    with pytest.raises(dcpx.CommitError, match="another save"):
+        dcpx.save(_state(3.0), committed, transforms=["zstd"], sync_files=False)
+    stale.finish(metadata, [results])
+    assert _load_values(committed) == {2.0}
 
 
 def _assert_no_leftovers(path) -> None:

@@ -4,7 +4,6 @@ manifest; a changed byte is an ``IntegrityError`` naming the item, never a wrong
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
 
 import dcpx
+from dcpx.data_files import DataFiles
 from dcpx.verify import verify_checkpoint
 from checkpoint_helpers import assert_same, blank, storage_items
 
@@ -102,13 +102,11 @@ def test_resharded_read_of_a_raw_item_still_loads(tmp_path: Path) -> None:
     index = MetadataIndex("w", torch.Size([0, 0]))
     # rows 100-163 of the stored 256, as a 4-way reshard asks: not the whole item, so no CRC
     req = ReadItem(LoadItemType.TENSOR, index, torch.Size([0, 0]), index, torch.Size([100, 0]), torch.Size([64, 64]))
-    files: dict[str, Any] = {}
-    job = reader.prepare(req, files)
+    files = DataFiles(str(tmp_path))
     try:
-        job.run(got["w"])
+        reader.prepare(req, files).run(got["w"])
     finally:
-        for f in files.values():
-            os.close(f.fd)
+        files.close()
     assert torch.equal(got["w"], _state()["w"][100:164])
 
 

@@ -317,3 +317,29 @@ def test_items_holding_buffers_are_read_one_per_core(tmp_path: Path, monkeypatch
     dcp.load(dest, storage_reader=dcpx.FileSystemReader(tmp_path, workers=2))
     assert_same(dest, state)
     assert most[0] == (2 if stock else 2 * READS_PER_CORE)
+
+
+# dtypes safetensors 0.8 stores (F8_E4M3FNUZ, F8_E5M2FNUZ, F8_E8M0, F4) besides the common ones
+NEWER_SAFETENSORS_DTYPES = [torch.float8_e4m3fnuz, torch.float8_e5m2fnuz, torch.float8_e8m0fnu, torch.float4_e2m1fn_x2]
+
+
+@pytest.mark.parametrize("dtype", NEWER_SAFETENSORS_DTYPES, ids=str)
+def test_safetensors_format_round_trips_newer_dtypes(tmp_path: Path, dtype: torch.dtype) -> None:
+    """Every byte value, read back bit-exact by dcpx and by safetensors' own loader."""
+    t = torch.arange(256, dtype=torch.uint8).view(dtype).reshape(16, 16)
+    dcpx.save({"t": t, "step": 3}, tmp_path, serialization_format=SerializationFormat.SAFETENSORS)
+    dest = {"t": torch.zeros(16, 16, dtype=torch.uint8).view(dtype), "step": 0}
+    dcpx.load(dest, tmp_path)
+    assert dest["t"].dtype == dtype and torch.equal(dest["t"].view(torch.uint8), t.view(torch.uint8))
+    assert dest["step"] == 3
+    (name,) = {info.relative_path for index, info in storage_items(dcpx.reader.load_metadata(str(tmp_path))[0]).items() if index == "t"}
+    with safetensors.safe_open(str(tmp_path / name), framework="pt") as f:
+        back = f.get_tensor("t")
+    assert back.dtype == dtype and back.shape == t.shape and torch.equal(back.view(torch.uint8), t.view(torch.uint8))
+
+
+def test_safetensors_cannot_hold_a_scalar_of_packed_float4(tmp_path: Path) -> None:
+    """F4 counts 4-bit values: a 0-d ``float4_e2m1fn_x2`` (two of them) has no shape there."""
+    t = torch.tensor(7, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+    with pytest.raises(dcpx.ConfigError, match=r"'t'.*float4_e2m1fn_x2"):
+        dcpx.save({"t": t}, tmp_path, serialization_format=SerializationFormat.SAFETENSORS)

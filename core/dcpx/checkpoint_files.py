@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata
@@ -45,8 +46,9 @@ def load_metadata(directory: str, name: str = commit.METADATA) -> tuple[Metadata
         data = read_regular_file(path, MAX_METADATA_BYTES, where)
     except FileNotFoundError as exc:
         raise CheckpointFormatError(f"{directory}: not a checkpoint (no {name} file)") from exc
-    metadata = safe_loads(data, where, plugin_safe_globals())
-    check_metadata(metadata, where)
+    with unforeseen_failures(where):
+        metadata = safe_loads(data, where, plugin_safe_globals())
+        check_metadata(metadata, where, len(data))
     return metadata, data
 
 
@@ -61,9 +63,32 @@ def load_manifest(directory: str, metadata: Metadata, metadata_bytes: bytes) -> 
         data = read_regular_file(path, manifest.MAX_MANIFEST_BYTES, path)
     except FileNotFoundError:
         return None
-    body = manifest.loads(data, path)
-    manifest.verify(body, metadata_bytes, path)
+    with unforeseen_failures(path):
+        body = manifest.loads(data, path)
+        manifest.verify(body, metadata_bytes, path)
     return body
+
+
+@contextmanager
+def unforeseen_failures(where: str) -> Iterator[None]:
+    """Turn any non-dcpx exception raised while checking ``where`` into a
+    ``CheckpointFormatError`` naming it: damage no check foresaw (an integer too long to
+    format in a message, a size no float holds) must still read as a damaged file, also
+    for the tools (``inspect``, ``verify``) that call the loaders without the reader."""
+    try:
+        yield
+    except DcpxError:
+        raise
+    except Exception as exc:
+        raise CheckpointFormatError(f"{where}: cannot be read ({type(exc).__name__}: {_message(exc)})") from exc
+
+
+def _message(exc: BaseException) -> str:
+    """``str(exc)``, which itself fails for e.g. ``ValueError(10**5000)``."""
+    try:
+        return str(exc)
+    except Exception:
+        return "its message cannot be shown"
 
 
 def open_regular(path: str, where: str) -> tuple[int, int]:
@@ -94,17 +119,28 @@ def read_regular_file(path: str, limit: int, where: str) -> bytes:
         return read_bounded(f, limit)
 
 
-def referenced_files(directory: str) -> set[str] | None:
-    """Files the committed checkpoint in ``directory`` uses; None if it cannot be read safely
-    (then nothing may be cleaned up)."""
-    if not os.path.exists(os.path.join(directory, commit.METADATA)):
-        return set()
+def metadata_files(directory: str) -> list[str]:
+    """The committed metadata files in ``directory``: ``.metadata`` and any rank-local
+    ``__<rank>.metadata`` (saves with ``use_collectives=False``)."""
     try:
-        metadata, _ = load_metadata(directory)
-    except DcpxError:
-        return None
-    keep = {info.relative_path for info in (metadata.storage_data or {}).values() if isinstance(info, _StorageInfo)}
-    save_id = metadata.storage_meta.save_id if metadata.storage_meta is not None else None
-    if isinstance(save_id, str):
-        keep.add(manifest.manifest_name(save_id))
+        return sorted(n for n in os.listdir(directory) if commit.METADATA_FILE.match(n))
+    except FileNotFoundError:
+        return []
+
+
+def referenced_files(directory: str, names: Iterable[str] | None = None) -> set[str] | None:
+    """Files the committed metadata files ``names`` (default: all of them) use, manifests
+    included; None if one cannot be read safely (then nothing may be cleaned up)."""
+    keep: set[str] = set()
+    for name in metadata_files(directory) if names is None else names:
+        if not os.path.exists(os.path.join(directory, name)):
+            continue
+        try:
+            metadata, _ = load_metadata(directory, name)
+        except DcpxError:
+            return None
+        keep.update(info.relative_path for info in (metadata.storage_data or {}).values() if isinstance(info, _StorageInfo))
+        save_id = metadata.storage_meta.save_id if metadata.storage_meta is not None else None
+        if isinstance(save_id, str):
+            keep.add(manifest.manifest_name(save_id))
     return keep

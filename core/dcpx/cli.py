@@ -1,6 +1,7 @@
 """The ``dcpx`` command (also ``python -m dcpx``).
 
-Exit codes: 0 success, 1 the checkpoint failed a check, 2 usage or input error.
+Exit codes: 0 success, 1 the checkpoint failed a check, 2 usage or input error (including
+a checkpoint too damaged to read, whatever exception reading it raised).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspect import describe
+    from .inspect import describe, ratio
 
     info = describe(args.path)
     if args.json:
@@ -57,12 +58,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"transforms   {', '.join(info['transforms']) or '(none)'}")
     print(f"{'item':<48} {'dtype':<16} {'shape':<20} {'raw':>12} {'stored':>12} {'ratio':>6}")
     for it in info["items"]:
-        ratio = f"{it['stored_bytes'] / it['raw_bytes']:.3f}" if it["raw_bytes"] else "-"
         raw = f"{it['raw_bytes']:,}" if it["raw_bytes"] is not None else "?"
-        print(f"{it['fqn'][:48]:<48} {str(it['dtype'] or 'bytes'):<16} {str(it['shape'] or ''):<20} {raw:>12} {it['stored_bytes']:>12,} {ratio:>6}")
+        print(f"{it['fqn'][:48]:<48} {str(it['dtype'] or 'bytes'):<16} {str(it['shape'] or ''):<20} {raw:>12} "
+              f"{it['stored_bytes']:>12,} {_ratio(ratio(it['stored_bytes'], it['raw_bytes'])):>6}")
     t = info["totals"]
-    print(f"total: {t['items']} items, {t['raw_bytes']:,} raw bytes, {t['stored_bytes']:,} stored ({t['ratio']:.3f})")
+    print(f"total: {t['items']} items, {t['raw_bytes']:,} raw bytes, {t['stored_bytes']:,} stored ({_ratio(t['ratio'])})")
     return EXIT_OK
+
+
+def _ratio(value: float | None) -> str:
+    return f"{value:.3f}" if value is not None else "-"
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -142,6 +147,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcpx", description="Inspect, verify and convert dcpx and stock DCP checkpoints; manage plugins and keys.")
+    parser.set_defaults(reads_checkpoint=False)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plugins", help="list installed plugins and transforms")
     p.add_argument("--json", action="store_true")
@@ -149,13 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="describe a checkpoint without keys or a model")
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_inspect)
+    p.set_defaults(fn=cmd_inspect, reads_checkpoint=True)
     p = sub.add_parser("verify", help="check every item's digest; exit 0 only if all verified")
     p.add_argument("path")
     p.add_argument("--allow-missing", action="store_true", help="accept (and list) items without a digest")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(fn=cmd_verify)
+    p.set_defaults(fn=cmd_verify, reads_checkpoint=True)
     p = sub.add_parser("keygen", help="print a new 32-byte key in the form the encrypt plugin reads")
     p.add_argument("--id", default=None, help="key id (default: the single-key form)")
     p.set_defaults(fn=cmd_keygen)
@@ -167,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compat", action="store_true", help="write what stock torch reads")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(fn=cmd_convert)
+    p.set_defaults(fn=cmd_convert, reads_checkpoint=True)
     p = sub.add_parser("bench", help="encode/decode throughput of each installed transform on this machine")
     p.add_argument("--json", action="store_true")
     p.add_argument("--seconds", type=float, default=20.0, help="time budget for all measurements (default 20)")
@@ -182,6 +188,27 @@ def main(argv: list[str] | None = None) -> int:
     except (DcpxError, OSError) as exc:
         print(f"dcpx {args.command}: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except Exception as exc:
+        if not args.reads_checkpoint:
+            raise  # a bug, not bad input: the traceback is what helps
+        print(f"dcpx {args.command}: {_subject(args)}: {_unexpected(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _subject(args: argparse.Namespace) -> str:
+    return args.path if hasattr(args, "path") else f"{args.src} -> {args.dst}"
+
+
+def _unexpected(exc: Exception, limit: int = 300) -> str:
+    """One line for an exception no check foresaw, mostly damage dcpx does not check for:
+    a traceback would tell the user nothing more, and would not say it is the input."""
+    try:
+        text = " ".join(str(exc).split())
+    except Exception:  # e.g. ValueError(10**5000): even the message cannot be formatted
+        text = "its message cannot be shown"
+    text = text if len(text) <= limit else text[:limit] + " ..."
+    return (f"cannot be read: unexpected {type(exc).__name__} ({text}); "
+            "a damaged checkpoint no check recognised, or a bug in dcpx")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from typing import Iterable
 from .errors import CommitError
 
 METADATA = ".metadata"
+METADATA_FILE = re.compile(r"^(__\d+)?\.metadata$")  # global, or one rank's own (no collectives)
 LOCK = ".dcpx.lock"
 # Files a dcpx save may create; only these are ever removed by cleanup.
 _OWNED = re.compile(r"^(__\d+_\d+(\.[0-9a-f]{8,32})?(\.st)?\.distcp|\.dcpx-manifest-[0-9a-f]{32}\.json|\.metadata\.tmp-[0-9a-f]{32}|\.dcpx-manifest-[0-9a-f]{32}\.json\.tmp)$")
@@ -97,33 +98,73 @@ class BackgroundFlush:
 
 
 class SaveLock:
-    """Exclusive advisory lock on a checkpoint directory for the duration of one save."""
+    """Advisory lock on a checkpoint directory for the duration of one save.
 
-    def __init__(self, directory: str) -> None:
+    A save of the whole checkpoint holds ``.dcpx.lock`` exclusively.  With
+    ``use_collectives=False`` every rank saves a checkpoint of its own into the directory:
+    such a save shares ``.dcpx.lock`` with the other ranks and holds ``.dcpx-<rank>.lock``
+    exclusively, so ranks do not block each other but a whole-checkpoint save blocks them all."""
+
+    # Locks held by this process, by directory and rank.  A save whose other ranks failed is
+    # never finished (DCP does not call ``finish``), so its writer would hold the lock until
+    # it is garbage collected; a new save to the same path from this process takes the lock
+    # over, unless the holder is writing or committing at that moment.
+    _held: dict[tuple[str, int | None], "SaveLock"] = {}
+    _registry = threading.RLock()
+
+    def __init__(self, directory: str, rank: int | None = None) -> None:
         self.directory = directory
-        self._fd: int | None = None
+        self.rank = rank
+        self.busy = False  # set by the writer while it writes or commits
+        self.superseded = False
+        self._fds: list[int] = []
+        self._key = (os.path.realpath(directory), rank)
 
     def acquire(self) -> None:
-        if self._fd is not None:
+        if self._fds:
             return
-        fd = os.open(os.path.join(self.directory, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        with SaveLock._registry:
+            holder = SaveLock._held.get(self._key)
+            if holder is not None and holder is not self and not holder.busy:
+                holder.release()
+                holder.superseded = True
+            self._acquire_files()
+            SaveLock._held[self._key] = self
+
+    def _acquire_files(self) -> None:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if self.rank is None:
+                self._take(LOCK, fcntl.LOCK_EX)
+            else:
+                self._take(LOCK, fcntl.LOCK_SH)
+                self._take(f".dcpx-{self.rank}.lock", fcntl.LOCK_EX)
+        except BaseException:
+            self.release()
+            raise
+
+    def _take(self, name: str, mode: int) -> None:
+        fd = os.open(os.path.join(self.directory, name), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EAGAIN, errno.EACCES):
+                whose = "" if self.rank is None else f" (rank {self.rank}'s own checkpoint)"
                 raise CommitError(
-                    f"{self.directory}: another save to this checkpoint path is in progress; "
+                    f"{self.directory}: another save to this checkpoint path{whose} is in progress; "
                     "wait for it or save to another path"
                 ) from exc
             raise
-        self._fd = fd
+        self._fds.append(fd)
 
     def release(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+        with SaveLock._registry:
+            if SaveLock._held.get(self._key) is self:
+                del SaveLock._held[self._key]
+            while self._fds:
+                fd = self._fds.pop()
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
 
     def try_acquire(self) -> bool:
         try:

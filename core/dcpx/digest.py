@@ -42,22 +42,6 @@ def write_summed(f: BinaryIO, data: Any, block: int = 1 << 20) -> str:
     return record(value)
 
 
-def manifest_digests(manifest: dict[str, Any] | None) -> dict[tuple[str, int, int], Any]:
-    """``(file, offset, length)`` -> recorded CRC-32C for every item the manifest lists
-    with one.  The manifest is untrusted input: entries of the wrong shape are skipped,
-    and a recorded value is only checked for form when its item is read."""
-    found: dict[tuple[str, int, int], Any] = {}
-    items = manifest.get("items") if isinstance(manifest, dict) else None
-    for entry in items if isinstance(items, list) else ():
-        if not isinstance(entry, dict):
-            continue
-        records, name, offset, length = (entry.get(k) for k in ("records", "file", "offset", "length"))
-        if (isinstance(records, dict) and RECORD in records and isinstance(name, str)
-                and type(offset) is int and type(length) is int):
-            found[(name, offset, length)] = records[RECORD]
-    return found
-
-
 def check(actual: int, expected: Any, where: str) -> None:
     """Raise unless the CRC-32C ``actual`` is the one the manifest records."""
     if not isinstance(expected, str) or len(expected) != 8 or not set(expected) <= set(string.hexdigits):

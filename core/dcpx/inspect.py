@@ -50,5 +50,16 @@ def describe(path: str) -> dict[str, Any]:
         "transforms": sorted(transforms),
         "items": items,
         "totals": {"items": len(items), "raw_bytes": raw_total, "stored_bytes": stored_total,
-                   "ratio": stored_total / raw_total if raw_total else 1.0},
+                   "ratio": ratio(stored_total, raw_total) if raw_total else 1.0},
     }
+
+
+def ratio(stored: int, raw: int | None) -> float | None:
+    """``stored / raw``, or None without a raw size or where damaged metadata records sizes
+    whose quotient no float holds."""
+    if not raw:
+        return None
+    try:
+        return stored / raw
+    except OverflowError:
+        return None

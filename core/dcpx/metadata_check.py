@@ -27,33 +27,37 @@ from .errors import CheckpointFormatError, UnsafeCheckpointError
 
 # list slots allowed beyond one per path step, for gaps left by empty dicts in lists (8 MiB)
 _GAP_SLOTS = 1 << 20
+# sizes, offsets and lengths: no file or tensor reaches this, and past 4300 digits Python
+# cannot even print an integer for the error message
+_INT_LIMIT = 1 << 63
 _LEAF = object()  # a stored value, as opposed to a container or an empty list slot
 
 
-def check_metadata(metadata: Any, where: str) -> None:
-    """Raise ``CheckpointFormatError`` unless ``metadata`` is DCP ``Metadata`` whose every
-    entry has the shape DCP's planners rely on.  Fields are read with ``getattr``: a forged
-    pickle can build an object without calling its constructor.  Messages are built only on
-    failure, as metadata can hold hundreds of thousands of entries."""
+def check_metadata(metadata: Any, where: str, size: int) -> None:
+    """Raise ``CheckpointFormatError`` unless ``metadata`` (unpickled from ``size`` bytes) is
+    DCP ``Metadata`` whose every entry has the shape DCP's planners rely on.  Fields are read
+    with ``getattr``: a forged pickle can build an object without calling its constructor.
+    Messages are built only on failure, as metadata can hold hundreds of thousands of entries."""
     entries = getattr(metadata, "state_dict_metadata", None)
     if not isinstance(metadata, Metadata) or not isinstance(entries, dict):
         raise CheckpointFormatError(f"{where}: does not hold DCP Metadata")
+    _check_sharing(metadata, entries, where, size)
     storage = getattr(metadata, "storage_data", None)
     if storage is not None and not isinstance(storage, dict):
         raise CheckpointFormatError(f"{where}: storage table is not a mapping")
     meta = getattr(metadata, "storage_meta", None)
     save_id = getattr(meta, "save_id", None)
     if meta is not None and (not isinstance(meta, StorageMeta) or not isinstance(save_id, (str, type(None)))):
-        raise CheckpointFormatError(f"{where}: storage_meta is not a StorageMeta with a string save_id: {meta!r:.120}")
+        raise CheckpointFormatError(f"{where}: storage_meta is not a StorageMeta with a string save_id: {_shown(meta, 120)}")
     for fqn, entry in entries.items():
         if type(fqn) is not str:
-            raise CheckpointFormatError(f"{where}: entry name {fqn!r:.80} is not a string")
+            raise CheckpointFormatError(f"{where}: entry name {_shown(fqn, 80)} is not a string")
         if isinstance(entry, TensorStorageMetadata):
             problem = _tensor_problem(entry)
             if problem:
-                raise CheckpointFormatError(f"{where}: tensor {fqn!r:.200}: {problem}")
+                raise CheckpointFormatError(f"{where}: tensor {_shown(fqn, 200)}: {problem}")
         elif not isinstance(entry, BytesStorageMetadata):
-            raise CheckpointFormatError(f"{where}: entry {fqn!r:.200} is a {type(entry).__name__}, not DCP storage metadata")
+            raise CheckpointFormatError(f"{where}: entry {_shown(fqn, 200)} is a {type(entry).__name__}, not DCP storage metadata")
     for index, info in (storage or {}).items():
         if isinstance(info, _StorageInfo):  # anything else is refused when an item is read
             check_storage_entry(index, info, where)
@@ -62,19 +66,47 @@ def check_metadata(metadata: Any, where: str) -> None:
         _check_flattening_paths(planner_data, where)
 
 
+def _check_sharing(metadata: Metadata, entries: dict[Any, Any], where: str, size: int) -> None:
+    """Refuse metadata that lists more chunks, path steps and descriptors than its bytes can
+    hold one by one.  A pickle can reference one object many times: N entries sharing one
+    chunk list of C chunks cost the file N + C references but every check, and every planner
+    after it, N * C steps (150 KB took 70 s to check)."""
+    listed = sum(len(c) for e in entries.values() if isinstance(c := getattr(e, "chunks", None), list))
+    planner_data = getattr(metadata, "planner_data", None)
+    if isinstance(planner_data, dict):
+        listed += sum(len(p) for p in planner_data.values() if isinstance(p, (tuple, list)))
+    storage = getattr(metadata, "storage_data", None)
+    if isinstance(storage, dict):
+        listed += sum(len(d) for i in storage.values()
+                      if isinstance(d := getattr(i, "transform_descriptors", None), (tuple, list)))
+    if listed > size:
+        raise CheckpointFormatError(
+            f"{where}: lists {listed} chunks, path steps and descriptors in {size} bytes; "
+            "the same objects are referenced over and over (forged)"
+        )
+
+
+def _shown(value: Any, width: int) -> str:
+    """``repr(value)`` cut to ``width``; a value that cannot be shown is described instead."""
+    try:
+        return repr(value)[:width]
+    except Exception:  # e.g. integers past Python's 4300-digit limit
+        return f"<{type(value).__name__} too large to show>"
+
+
 def _is_dims(value: Any) -> bool:
     if type(value) is torch.Size:  # holds ints by construction
-        return not value or min(value) >= 0
-    return isinstance(value, (tuple, list)) and all(type(v) is int and v >= 0 for v in value)
+        return not value or (min(value) >= 0 and max(value) < _INT_LIMIT)
+    return isinstance(value, (tuple, list)) and all(type(v) is int and 0 <= v < _INT_LIMIT for v in value)
 
 
 def _tensor_problem(entry: TensorStorageMetadata) -> str | None:
     dtype = getattr(getattr(entry, "properties", None), "dtype", None)
     if not isinstance(dtype, torch.dtype):
-        return f"dtype {dtype!r:.80} is not a torch dtype"
+        return f"dtype {_shown(dtype, 80)} is not a torch dtype"
     size = getattr(entry, "size", None)
     if not _is_dims(size):
-        return f"size must be a sequence of non-negative integers, not {size!r:.80}"
+        return f"size must be a sequence of non-negative integers below 2**63, not {_shown(size, 80)}"
     chunks = getattr(entry, "chunks", None)
     if not isinstance(chunks, list):
         return f"chunk list is a {type(chunks).__name__}, not a list"
@@ -85,8 +117,8 @@ def _tensor_problem(entry: TensorStorageMetadata) -> str | None:
         if sizes == size and _is_dims(offsets) and len(offsets) == len(size) and not any(offsets):
             continue  # the usual single chunk holding the whole tensor
         if not _is_dims(offsets) or not _is_dims(sizes):
-            return (f"chunk {n} offsets and sizes must be sequences of non-negative integers, "
-                    f"not {offsets!r:.60}, {sizes!r:.60}")
+            return (f"chunk {n} offsets and sizes must be sequences of non-negative integers below 2**63, "
+                    f"not {_shown(offsets, 60)}, {_shown(sizes, 60)}")
         if len(offsets) != len(size) or len(sizes) != len(size):
             return f"chunk {n} has {len(offsets)}/{len(sizes)} dimensions, the tensor {len(size)}"
         # an empty shard may sit anywhere; a non-empty one must lie inside the tensor
@@ -101,19 +133,19 @@ def check_storage_entry(index: Any, info: _StorageInfo, where: str) -> None:
     rel, offset, length = (getattr(info, f, None) for f in ("relative_path", "offset", "length"))
     descriptors = getattr(info, "transform_descriptors", None)
     named = isinstance(index, MetadataIndex) and type(getattr(index, "fqn", None)) is str
-    placed = type(offset) is int and type(length) is int and offset >= 0 and length >= 0
+    placed = type(offset) is int and type(length) is int and 0 <= offset < _INT_LIMIT and 0 <= length < _INT_LIMIT
     listed = descriptors is None or isinstance(descriptors, (list, tuple)) and all(type(d) is str for d in descriptors)
     if named and type(rel) is str and placed and listed:
         return
     fqn = getattr(index, "fqn", index)
-    what = f"{where}: storage entry of {fqn!r:.200} (file {rel!r:.80})"
+    what = f"{where}: storage entry of {_shown(fqn, 200)} (file {_shown(rel, 80)})"
     if not named:
         raise CheckpointFormatError(f"{what}: its key is a {type(index).__name__}, not a MetadataIndex naming an entry")
     if type(rel) is not str:
         raise UnsafeCheckpointError(f"{what}: invalid data file name")
     if not placed:
-        raise CheckpointFormatError(f"{what}: offset {offset!r:.40} and length {length!r:.40} must be non-negative integers")
-    raise CheckpointFormatError(f"{what}: transform descriptors {descriptors!r:.120} must be a list of strings")
+        raise CheckpointFormatError(f"{what}: offset {_shown(offset, 40)} and length {_shown(length, 40)} must be non-negative integers below 2**63")
+    raise CheckpointFormatError(f"{what}: transform descriptors {_shown(descriptors, 120)} must be a list of strings")
 
 
 def _check_flattening_paths(planner_data: dict[Any, Any], where: str) -> None:
@@ -137,7 +169,7 @@ def _check_flattening_paths(planner_data: dict[Any, Any], where: str) -> None:
                     budget -= step + 1 - len(node)
                     if budget < 0:
                         raise CheckpointFormatError(
-                            f"{_path_where(where, key, path)}: list index {step} lies far beyond the entries saved")
+                            f"{_path_where(where, key, path)}: list index {_shown(step, 40)} lies far beyond the entries saved")
                     node.extend([None] * (step + 1 - len(node)))
                 if node[step] is None or last:
                     node[step] = fresh
@@ -147,9 +179,9 @@ def _check_flattening_paths(planner_data: dict[Any, Any], where: str) -> None:
                     node[step] = fresh
             else:
                 raise CheckpointFormatError(
-                    f"{_path_where(where, key, path)}: step {step!r:.40} does not fit the containers the other paths make")
+                    f"{_path_where(where, key, path)}: step {_shown(step, 40)} does not fit the containers the other paths make")
             node = node[step]
 
 
 def _path_where(where: str, key: Any, path: Any) -> str:
-    return f"{where}: flattening path {tuple(path)!r:.120} of entry {key!r:.80}"
+    return f"{where}: flattening path {_shown(tuple(path), 120)} of entry {_shown(key, 80)}"

@@ -13,7 +13,7 @@ import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from .errors import CheckpointFormatError, DcpxError, IntegrityError
 from .framing import FrameIndex, chunk_count
@@ -86,12 +86,83 @@ def encode_chunk(chain: BoundChain, raw: memoryview, chunk: ChunkInfo) -> Encode
     return EncodedChunk(data, tuple(sizes), tuple(records))
 
 
+class ItemDigests:
+    """An item's manifest records (e.g. a checksum's item digest) and the chunk records its
+    layers yield while decoding, so chunks intact one by one but swapped, moved from another
+    item, repeated or dropped are caught once every chunk is decoded.
+
+    A layer is checked when the manifest holds a record for its descriptor and the transform
+    offers ``verify_item(item, chunk_records, recorded)``.  Its chunk records are what
+    ``chunk_record`` returns on the bytes that layer decoded (the writer called it on the same
+    bytes), taken after the layer's own check passed, e.g. the digest in a checksum trailer:
+    no extra pass over the data.  Chunks are noted from several threads, each its own slot.
+    """
+
+    def __init__(self, chain: BoundChain, item: ItemInfo, count: int, recorded: Mapping[str, Any],
+                 stop: int = 0) -> None:
+        self.chain, self.item = chain, item
+        self.recorded = {i: recorded[d] for i, d in _last_layers(chain.descriptors, stop).items()
+                         if d in recorded and callable(getattr(chain.transforms[i], "verify_item", None))}
+        self._records: dict[int, list[str | None]] = {i: [None] * count for i in self.recorded}
+        self._noted = [False] * count if self.recorded else []
+
+    def __bool__(self) -> bool:
+        return bool(self.recorded)
+
+    def note(self, layer: int, data: memoryview, info: ChunkInfo) -> None:
+        """Keep the chunk record of ``layer`` for a chunk that layer decoded and checked."""
+        records = self._records.get(layer)
+        if records is not None:
+            records[info.index] = self.chain.transforms[layer].chunk_record(data, info)
+
+    def done(self, index: int) -> None:
+        if self.recorded:
+            self._noted[index] = True
+
+    def check(self) -> None:
+        """Compare each item record with the chunk records, once every chunk was decoded
+        (a partial read sees only some of them and checks nothing)."""
+        if not self.recorded or not all(self._noted):
+            return
+        for layer, value in self.recorded.items():
+            descriptor = self.chain.descriptors[layer]
+            if not isinstance(value, str):
+                raise CheckpointFormatError(
+                    f"{self.item.fqn}: the manifest records a malformed {descriptor} item record {value!r}"
+                )
+            try:
+                verify = self.chain.transforms[layer].verify_item  # type: ignore[attr-defined]
+                verify(self.item, self._records[layer], value)
+            except DcpxError:
+                raise
+            except Exception as exc:  # a plugin's library error still names the item
+                raise CheckpointFormatError(
+                    f"{self.item.fqn}: {descriptor} failed to check the item record: {type(exc).__name__}: {exc}"
+                ) from exc
+
+
+def _last_layers(descriptors: Sequence[str], stop: int) -> dict[int, str]:
+    """Layer index (innermost first, from ``stop``) of each descriptor's outermost use: the
+    manifest keys records by descriptor, so a descriptor listed twice (only an edited
+    ``.metadata`` does that) has one record, the one the writer would have kept."""
+    last = {d: i for i, d in enumerate(descriptors)}
+    return {i: d for d, i in last.items() if i >= stop}
+
+
 def decode_chunk(chain: BoundChain, stored: Buffer, chunk: ChunkInfo, layer_sizes: Sequence[int], stop: int = 0,
-                 out: memoryview | None = None) -> Buffer:
+                 out: memoryview | None = None, digests: ItemDigests | None = None) -> Buffer:
     """Undo the chain on one chunk; every layer must produce exactly its recorded size.
     With ``stop`` > 0 only the layers from the outermost down to ``stop`` are undone.
     With ``out`` (writable, the chunk's size) the innermost layer decodes straight into
-    it, and ``out`` is returned."""
+    it, and ``out`` is returned.  ``digests`` collects the chunk records of an item read whole."""
+    data = _decode_layers(chain, stored, chunk, layer_sizes, stop, out, digests)
+    if digests is not None:
+        digests.done(chunk.index)
+    return data
+
+
+def _decode_layers(chain: BoundChain, stored: Buffer, chunk: ChunkInfo, layer_sizes: Sequence[int], stop: int,
+                   out: memoryview | None, digests: ItemDigests | None) -> Buffer:
     data: Buffer = stored
     expected = [chunk.size, *layer_sizes[:-1]]
     for i in range(len(chain.transforms) - 1, stop - 1, -1):
@@ -102,8 +173,13 @@ def decode_chunk(chain: BoundChain, stored: Buffer, chunk: ChunkInfo, layer_size
         try:
             if into is not None:
                 chain.transforms[i].decode_into(memoryview(data), info, into)
+                if digests is not None:
+                    digests.note(i, memoryview(data), info)
                 return into
-            data = chain.transforms[i].decode(memoryview(data), info, expected[i])
+            decoded = chain.transforms[i].decode(memoryview(data), info, expected[i])
+            if digests is not None:
+                digests.note(i, memoryview(data), info)
+            data = decoded
         except DcpxError:
             raise
         except Exception as exc:  # a plugin's library error still names the item
@@ -166,13 +242,18 @@ def decode_range(
     hi: int,
     out: memoryview,
     pool: ThreadPoolExecutor | None,
+    digests: ItemDigests | None = None,
 ) -> None:
     """Decode raw bytes ``[lo, hi)`` of a framed item into ``out``, touching only the chunks
-    that overlap the range.  ``read(offset, size)`` returns stored bytes relative to the item."""
+    that overlap the range.  ``read(offset, size)`` returns stored bytes relative to the item.
+    When the range touches every chunk, ``digests`` collects their records: the caller
+    checks them with ``digests.check()`` once ``out`` is filled."""
     if hi <= lo:
         return
     offsets = index.stored_offsets()
     first, last = lo // index.chunk_size, (hi - 1) // index.chunk_size
+    if not digests or (first, last) != (0, index.count - 1):
+        digests = None
 
     def one(k: int) -> None:
         start, end = index.raw_span(k)
@@ -180,9 +261,9 @@ def decode_range(
         stored = read(offsets[k], sizes[-1])
         chunk = ChunkInfo(item, k, index.count, start, end - start)
         if lo <= start and end <= hi:  # the whole chunk lands in ``out``: decode in place
-            decode_chunk(chain, stored, chunk, sizes, out=out[start - lo:end - lo])
+            decode_chunk(chain, stored, chunk, sizes, out=out[start - lo:end - lo], digests=digests)
             return
-        data = memoryview(decode_chunk(chain, stored, chunk, sizes)).cast("B")
+        data = memoryview(decode_chunk(chain, stored, chunk, sizes, digests=digests)).cast("B")
         a, b = max(lo, start), min(hi, end)
         out[a - lo:b - lo] = data[a - start:b - start]
 

@@ -12,16 +12,18 @@ import copy
 import io
 import math
 import os
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch.distributed.checkpoint.planner import ReadItem
 
 from . import digest
+from .data_files import DataFile
 from .errors import CheckpointFormatError, DcpxError
 from .framing import FOOTER, FRAME_DESCRIPTOR, MARKERS, RAW_DESCRIPTOR, FrameIndex, parse_footer, parse_index
-from .pipeline import BoundChain, codec_pool, decode_range
+from .pipeline import BoundChain, ItemDigests, codec_pool, decode_range
+from .safe_pickle import check_stored_archive, weights_only_reason
+from .safetensors_io import starts_safetensors_file
 from .tensor_bytes import element_size, writable_bytes
 from .transform import ItemInfo, read_bounded
 
@@ -31,13 +33,6 @@ if TYPE_CHECKING:
 
 # torch.save wraps a tensor's bytes in a small zip archive; allow that much on top.
 TORCH_SAVE_OVERHEAD = 1 << 20
-
-
-@dataclass
-class OpenFile:
-    fd: int
-    size: int
-
 
 
 class ItemView(io.RawIOBase):
@@ -77,14 +72,16 @@ class ItemView(io.RawIOBase):
 class ReadJob:
     """Everything needed to decode one read request; ``run`` executes on a worker thread."""
 
-    def __init__(self, reader: FileSystemReader, req: ReadItem, where: str, f: OpenFile, offset: int,
+    def __init__(self, reader: FileSystemReader, req: ReadItem, where: str, f: DataFile, offset: int,
                  length: int, descriptors: list[str], expected: tuple[torch.dtype, tuple[int, ...]] | None,
-                 recorded_crc: Any = None) -> None:
+                 recorded_crc: Any = None, records: Mapping[str, Any] | None = None) -> None:
         self.reader, self.req, self.where, self.file = reader, req, where, f
         self.offset, self.length, self.descriptors, self.expected = offset, length, descriptors, expected
         self.is_tensor = expected is not None
         # the manifest's CRC-32C, checked for items stored as they are (raw, untransformed)
         self.recorded_crc = recorded_crc if descriptors in ([], [RAW_DESCRIPTOR]) else None
+        # the manifest's per-transform records of a framed item (e.g. a checksum's item digest)
+        self.records: Mapping[str, Any] = records or {}
 
     def pread(self, pos: int, size: int) -> bytes:
         """Read ``size`` stored bytes at item-relative ``pos``; short reads are errors."""
@@ -97,9 +94,10 @@ class ReadJob:
 
     def run(self, target: torch.Tensor | None) -> Any:
         try:
-            if self.descriptors and self.descriptors[0] in MARKERS:
-                return self._native(target)
-            return self._stock(target)
+            with self.file.use():
+                if self.descriptors and self.descriptors[0] in MARKERS:
+                    return self._native(target)
+                return self._stock(target)
         except DcpxError as exc:
             if self.where in str(exc):
                 raise
@@ -129,9 +127,11 @@ class ReadJob:
             size = index.raw_size
             item = ItemInfo(item.fqn, size, item.dtype, item.shape, item.offsets, item.checkpoint_id)
             pool = codec_pool(self.reader.workers) if index.count > 1 else None
+            digests = ItemDigests(chain, item, index.count, self.records)
 
             def fill(lo: int, hi: int, out: memoryview) -> None:
-                decode_range(index, chain, item, self.pread, lo, hi, out, pool)
+                decode_range(index, chain, item, self.pread, lo, hi, out, pool, digests)
+                self._check_item(digests, out)
         if self.expected is None:
             buf = bytearray(size)
             fill(0, size, memoryview(buf))
@@ -154,6 +154,17 @@ class ReadJob:
             value = digest.crc(part, value)
         try:
             digest.check(value, self.recorded_crc, self.where)
+        except DcpxError:
+            if out.nbytes and not out.readonly:
+                torch.frombuffer(out, dtype=torch.uint8).zero_()
+            raise
+
+    def _check_item(self, digests: ItemDigests, out: memoryview) -> None:
+        """Check the item records once every chunk is decoded.  Chunks decode straight into
+        ``out``, which may be the destination tensor: on a mismatch it is zeroed before the
+        error is raised, so no chunk from the wrong place is left in it."""
+        try:
+            digests.check()
         except DcpxError:
             if out.nbytes and not out.readonly:
                 torch.frombuffer(out, dtype=torch.uint8).zero_()
@@ -261,10 +272,19 @@ class ReadJob:
             if self.length > limit:
                 raise CheckpointFormatError(f"{self.where}: item holds more bytes than its tensor can")
             source = ItemView(self.file.fd, self.offset, self.length)
+        check_stored_archive(source, self.where)
         try:
             tensor = torch.load(source, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise CheckpointFormatError(f"{self.where}: not a valid torch.save tensor ({type(exc).__name__}: {exc})") from exc
+            if starts_safetensors_file(os.pread(self.file.fd, 9, self.offset)):
+                raise CheckpointFormatError(
+                    f"{self.where}: holds a safetensors header, not a torch.save tensor: stock torch's "
+                    "serialization_format=SAFETENSORS records offsets that point every tensor at the start of "
+                    "its file, so neither stock torch nor dcpx can read it back"
+                ) from exc
+            raise CheckpointFormatError(
+                f"{self.where}: not a valid torch.save tensor ({type(exc).__name__}: {weights_only_reason(str(exc))})"
+            ) from exc
         if not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise CheckpointFormatError(f"{self.where}: stored tensor does not match metadata ({dtype}, {shape})")
         region = tensor

@@ -8,6 +8,7 @@ torch 2.13 writes (torch.save items, with or without torch's zstd extension).
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import threading
@@ -23,13 +24,15 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from . import commit, digest, manifest
-from .checkpoint_files import confine, load_manifest, load_metadata, open_regular
+from .checkpoint_files import load_manifest, load_metadata
+from .data_files import DataFiles
 from .descriptor import parse
 from .errors import CheckpointFormatError, DcpxError, IntegrityError, PolicyError
+from .framing import MARKERS
 from .metadata_check import check_storage_entry
 from .pipeline import default_workers
 from .plugins import as_transform, host
-from .read_job import OpenFile, ReadJob
+from .read_job import ReadJob
 from .safe_pickle import load_weights_only
 from .transform import TorchStreamTransform, Transform, descriptor_name, transform_name
 
@@ -84,7 +87,7 @@ class FileSystemReader(StorageReader):
         self.storage_data: dict[MetadataIndex, Any] = {}
         self.metadata: Metadata | None = None
         self.manifest: dict[str, Any] | None = None
-        self._digests: dict[tuple[str, int, int], Any] = {}
+        self._records: dict[tuple[str, int, int], dict[str, str]] = {}  # by (file, offset, length)
         self.metadata_error: DcpxError | None = None
         self.rank: int | None = None
         self.use_collectives = True
@@ -95,7 +98,7 @@ class FileSystemReader(StorageReader):
         self.storage_data = {}
         self.metadata = None
         self.manifest = None
-        self._digests = {}
+        self._records = {}
         self.metadata_error = None
         self.load_id = str(uuid.uuid4())
         if checkpoint_id:
@@ -144,40 +147,77 @@ class FileSystemReader(StorageReader):
     def _authenticate_manifest(self, metadata: Metadata, data: bytes) -> None:
         """Check the manifest's HMAC when a key for it is at hand.  A checkpoint whose items
         use a keyed transform must carry a keyed manifest, so deleting or replacing the
-        manifest (to hide an edit of ``.metadata``) is detected by a reader holding the key."""
+        manifest (to hide an edit of ``.metadata``) is detected by a reader holding the key.
+        A reader holding key material fails closed on a key claim it cannot check (a
+        transform it cannot resolve, a key id it lacks); only a reader without any key
+        skips the check, as it could not decrypt the items either."""
         claim = (self.manifest or {}).get("hmac_key")
         keyed = {n: t for n, t in self._configured.items() if callable(getattr(t, "manifest_key_for", None))}
+        if not isinstance(claim, dict):
+            self._refuse_unkeyed(metadata, keyed)
+            return
+        where = f"{self.path}/{manifest.manifest_name(str(metadata.storage_meta.save_id))}"
+        key = self._claimed_key(where, str(claim.get("transform")), str(claim.get("key_id")), keyed)
+        if key is not None:
+            manifest.verify(self.manifest, data, where, key)
+
+    def _refuse_unkeyed(self, metadata: Metadata, keyed: dict[str, Transform]) -> None:
+        """Refuse a checkpoint without a keyed manifest whose items use a keyed transform
+        this reader holds keys for."""
         used = {descriptor_name(d) for info in (metadata.storage_data or {}).values()
                 if isinstance(info, _StorageInfo) for d in (info.transform_descriptors or ()) if isinstance(d, str)}
-        if not isinstance(claim, dict):
-            if keyed.keys() & used:
-                raise IntegrityError(
-                    f"{self.path}: items use {sorted(keyed.keys() & used)} but the checkpoint has no keyed manifest; "
-                    "its manifest was removed or replaced"
-                )
-            return
-        name, key_id = str(claim.get("transform")), str(claim.get("key_id"))
-        transform = keyed.get(name)
+        used -= {descriptor_name(m) for m in MARKERS}
+        held = sorted(used & set(self._key_holders(keyed, used))) if used else []
+        if held:
+            raise IntegrityError(
+                f"{self.path}: items use {held} but the checkpoint has no keyed manifest; "
+                "its manifest was removed or replaced"
+            )
+
+    def _claimed_key(self, where: str, name: str, key_id: str, keyed: dict[str, Transform]) -> bytes | None:
+        """The HMAC key the manifest's claim names, or None when this reader holds no key
+        material at all; raises when it holds some but cannot check the claim."""
+        transform = keyed.get(name) or _keyed_default(name)
         if transform is None:
-            try:
-                transform = host().create(name)  # default configuration, e.g. keys from the environment
-            except DcpxError:
-                return
-        lookup = getattr(transform, "manifest_key_for", None)
-        if not callable(lookup):
-            return
+            holders = self._key_holders(keyed, None)
+            if holders:
+                raise IntegrityError(
+                    f"{where}: the manifest claims an HMAC key of transform {name!r}, which cannot check it, "
+                    f"while this reader holds keys for {holders}: the key claim was forged or damaged"
+                )
+            return None
+        holds = True if name in keyed else _holds_keys(transform)
+        if holds is False:
+            return None  # no key here: the items themselves cannot be decrypted either
         try:
-            key = lookup(key_id)
-        except DcpxError:
-            if name in keyed:
-                raise
-            return  # no key here: the items themselves cannot be decrypted either
-        manifest.verify(self.manifest, data, f"{self.path}/{manifest.manifest_name(str(metadata.storage_meta.save_id))}", key)
+            return transform.manifest_key_for(key_id)  # type: ignore[attr-defined]
+        except DcpxError as exc:
+            if holds is None:
+                return None  # a transform that cannot say whether it has keys: taken as keyless
+            # the plugin's own error (e.g. an unknown key id, with how to supply it), naming the manifest
+            named = copy.copy(exc)
+            named.args = (f"{where}: the manifest is keyed with {name} key id {key_id!r}, which this reader "
+                          f"does not hold, so it cannot be authenticated: {exc}",)
+            raise named from exc
+
+    def _key_holders(self, keyed: dict[str, Transform], among: set[str] | None) -> list[str]:
+        """Keyed transforms (``among`` these names, or any) with key material at hand: those
+        configured on this reader, and installed ones whose default configuration finds a
+        key (environment, key file)."""
+        names = set(keyed)
+        for reg in host().registrations():
+            if among is not None and reg.name not in among:
+                continue
+            if reg.name not in names and callable(getattr(reg.cls, "manifest_key_for", None)):
+                default = _keyed_default(reg.name)
+                if default is not None and _holds_keys(default):
+                    names.add(reg.name)
+        return sorted(names)
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.metadata = metadata
         self.storage_data = metadata.storage_data
-        self._digests = digest.manifest_digests(self.manifest)
+        self._records = manifest.records_by_location(self.manifest)
         self.rank = kwargs.get("rank")
         self.use_collectives = kwargs.get("use_collectives", True)
         if not isinstance(self.storage_data, dict):
@@ -190,7 +230,7 @@ class FileSystemReader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        files: dict[str, OpenFile] = {}
+        files = DataFiles(self.path)
         try:
             jobs = [self.prepare(req, files) for req in plan.items]
             targets = [(job, planner.resolve_tensor(job.req).detach() if job.is_tensor else None) for job in jobs]
@@ -212,14 +252,13 @@ class FileSystemReader(StorageReader):
             finally:
                 item_pool.shutdown(wait=True, cancel_futures=True)
         finally:
-            for f in files.values():
-                os.close(f.fd)
+            files.close()
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
 
     # -- one item -----------------------------------------------------------------------
-    def prepare(self, req: ReadItem, files: dict[str, OpenFile]) -> "ReadJob":
+    def prepare(self, req: ReadItem, files: DataFiles) -> "ReadJob":
         info = self.storage_data.get(req.storage_index)
         fqn = req.storage_index.fqn
         if not isinstance(info, _StorageInfo):
@@ -231,20 +270,14 @@ class FileSystemReader(StorageReader):
         where = f"{fqn} (file {rel!r}, offset {offset}, length {length})"
         descriptors = list(info.transform_descriptors or [])
         self._check_policy(where, descriptors)
-        opened = files.get(rel)
-        if opened is None:
-            try:
-                fd, size = open_regular(confine(self.path, rel, where), where)
-            except FileNotFoundError as exc:
-                raise CheckpointFormatError(f"{where}: data file is missing") from exc
-            opened = files[rel] = OpenFile(fd, size)
+        opened = files.get(rel, where)
         if offset + length > opened.size:
             raise CheckpointFormatError(
                 f"{where}: item ends at byte {offset + length} but the file has only {opened.size} bytes (truncated?)"
             )
         expected = self._expected(req, where)
-        recorded = self._digests.get((rel, offset, length))
-        return ReadJob(self, req, where, opened, offset, length, descriptors, expected, recorded)
+        records = self._records.get((rel, offset, length), {})
+        return ReadJob(self, req, where, opened, offset, length, descriptors, expected, records.get(digest.RECORD), records)
 
     def _check_policy(self, where: str, descriptors: list[str]) -> None:
         names = {descriptor_name(d) for d in descriptors}
@@ -283,6 +316,23 @@ class FileSystemReader(StorageReader):
                 raise type(exc)(f"{where}: {exc}") from exc
             self._cache[text] = cached
         return cached
+
+
+def _keyed_default(name: str) -> Transform | None:
+    """The transform ``name`` in its default configuration (keys from the environment, a key
+    file), if it is installed and keyed (offers ``manifest_key_for``), else None."""
+    try:
+        transform = host().create(name)
+    except DcpxError:
+        return None
+    return transform if callable(getattr(transform, "manifest_key_for", None)) else None
+
+
+def _holds_keys(transform: Transform) -> bool | None:
+    """Whether a keyed transform has any key, asked through its optional ``has_keys()``;
+    None for a transform without that method (it cannot say)."""
+    probe = getattr(transform, "has_keys", None)
+    return bool(probe()) if callable(probe) else None
 
 
 def _run(job: ReadJob, target: torch.Tensor | None, buffered: threading.BoundedSemaphore) -> Any:

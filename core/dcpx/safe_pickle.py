@@ -12,7 +12,8 @@ from __future__ import annotations
 import enum
 import io
 import pickle
-from typing import Any, Callable, Iterable
+import zipfile
+from typing import IO, Any, Callable, Iterable
 
 import torch
 
@@ -236,6 +237,28 @@ def plugin_safe_globals() -> set[tuple[str, str]]:
     return extra
 
 
+def check_stored_archive(stream: IO[bytes], where: str) -> None:
+    """Refuse a ``torch.save`` zip archive whose members are compressed.  ``torch.save``
+    stores them as they are, but ``torch.load`` inflates a DEFLATE member whole before any
+    check: a 1 MB item could claim a gigabyte.  Stored members hold no more than the item.
+    Anything that is not a zip archive is left to ``torch.load`` to judge."""
+    start = stream.tell()
+    try:
+        with zipfile.ZipFile(stream) as archive:
+            packed = next((i for i in archive.infolist()
+                           if i.compress_type != zipfile.ZIP_STORED or i.file_size != i.compress_size), None)
+    except (zipfile.BadZipFile, ValueError, OSError):
+        packed = None
+    finally:
+        stream.seek(start)
+    if packed is not None:
+        raise UnsafeCheckpointError(
+            f"{where}: torch.save archive member {packed.filename!r:.80} is compressed "
+            f"({packed.compress_size} bytes that claim {packed.file_size}); torch.save never compresses, "
+            "and inflating it would be unbounded"
+        )
+
+
 def load_weights_only(data: bytes | io.BytesIO, where: str, map_location: Any = None) -> Any:
     """``torch.load(weights_only=True)`` of a non-tensor entry; a refusal is an
     ``UnsafeCheckpointError`` naming the entry.
@@ -243,6 +266,7 @@ def load_weights_only(data: bytes | io.BytesIO, where: str, map_location: Any = 
     torch's restricted unpickler admits tensors, containers and primitive values, plus any
     class the user allowed with ``torch.serialization.add_safe_globals``."""
     stream = data if isinstance(data, io.BytesIO) else io.BytesIO(data)
+    check_stored_archive(stream, where)
     try:
         return torch.load(stream, weights_only=True, map_location=map_location)
     except Exception as exc:

@@ -2,13 +2,14 @@
 
 Each framed item is decoded from the outside in, down to and including its outermost
 integrity layer (a checksum, or authenticated encryption if keys are given), chunk by chunk
-on a thread pool; an item stored as it is gets its bytes checked against the CRC-32C the
-manifest records.  Nothing is loaded into tensors.  Items with neither are "missing".
+on a thread pool, and the item records the manifest keeps for the decoded layers (a
+checksum's item digest) are checked against the chunks' records; an item stored as it is
+gets its bytes checked against the CRC-32C the manifest records.  Nothing is loaded into
+tensors.  Items with neither are "missing".
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,9 +22,10 @@ from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
 
 from .errors import DcpxError
 from .framing import FRAME_DESCRIPTOR, RAW_DESCRIPTOR
-from .pipeline import decode_chunk, default_workers
+from .pipeline import ItemDigests, decode_chunk, default_workers
 from .checkpoint_files import load_manifest, load_metadata
-from .read_job import OpenFile
+from .data_files import DataFiles
+from .read_job import ReadJob
 from .reader import FileSystemReader
 from .transform import ChunkInfo
 
@@ -50,7 +52,7 @@ def verify_checkpoint(
     reader = FileSystemReader(path, transforms=transforms, workers=workers)
     reader.manifest = load_manifest(path, metadata, data)
     reader.set_up_storage_reader(metadata, True)
-    files: dict[str, OpenFile] = {}
+    files = DataFiles(path)
     results: list[ItemCheck] = []
     try:
         with ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="dcpx-verify") as pool:
@@ -59,8 +61,7 @@ def verify_checkpoint(
                 if on_item is not None:
                     on_item(check)
     finally:
-        for f in files.values():
-            os.close(f.fd)
+        files.close()
     return results
 
 
@@ -82,31 +83,44 @@ def _requests(metadata: Any) -> Iterator[tuple[MetadataIndex, ReadItem]]:
 _files_lock = threading.Lock()
 
 
-def _check(reader: FileSystemReader, files: dict[str, OpenFile], index: MetadataIndex, req: ReadItem) -> ItemCheck:
+def _check(reader: FileSystemReader, files: DataFiles, index: MetadataIndex, req: ReadItem) -> ItemCheck:
     info = reader.storage_data[index]
     offsets = tuple(index.offset) if index.offset is not None else None
     base = dict(fqn=index.fqn, shard_offsets=offsets, file=str(info.relative_path), stored_bytes=int(info.length or 0))
     try:
         with _files_lock:
             job = reader.prepare(req, files)
-        if job.descriptors == [RAW_DESCRIPTOR] and job.length == 0:
-            return ItemCheck(status="ok", detail="empty tensor: no bytes stored", **base)
-        if job.recorded_crc is not None:
-            job.verify_stored()
-            return ItemCheck(status="ok", detail="crc32c recorded in the manifest", **base)
-        if not job.descriptors or job.descriptors[0] != FRAME_DESCRIPTOR:
-            return ItemCheck(status="missing", detail="no integrity transform", **base)
-        index_, chain = job.frame(job.item_info().nbytes if job.is_tensor else None)
-        outer = [i for i, t in enumerate(chain.transforms) if t.verifies_integrity]
-        if not outer:
-            return ItemCheck(status="missing", detail="no integrity transform", **base)
-        depth = max(outer)  # innermost-first index of the outermost integrity layer
-        item = job.item_info()
-        for k, stored_at in enumerate(index_.stored_offsets()):
-            start, end = index_.raw_span(k)
-            sizes = index_.layer_sizes[k]
-            chunk = ChunkInfo(item, k, index_.count, start, end - start)
-            decode_chunk(chain, job.pread(stored_at, sizes[-1]), chunk, sizes, stop=depth)
-        return ItemCheck(status="ok", detail=chain.descriptors[depth], **base)
+        with job.file.use():
+            return _check_job(job, base)
     except DcpxError as exc:
         return ItemCheck(status="failed", detail=str(exc), **base)
+
+
+def _check_job(job: ReadJob, base: dict[str, Any]) -> ItemCheck:
+    """Check one prepared item, its data file open."""
+    if job.descriptors == [RAW_DESCRIPTOR] and job.length == 0:
+        return ItemCheck(status="ok", detail="empty tensor: no bytes stored", **base)
+    if job.recorded_crc is not None:
+        job.verify_stored()
+        return ItemCheck(status="ok", detail="crc32c recorded in the manifest", **base)
+    if not job.descriptors or job.descriptors[0] != FRAME_DESCRIPTOR:
+        return ItemCheck(status="missing", detail="no integrity transform", **base)
+    index_, chain = job.frame(job.item_info().nbytes if job.is_tensor else None)
+    outer = [i for i, t in enumerate(chain.transforms) if t.verifies_integrity]
+    if not outer:
+        return ItemCheck(status="missing", detail="no integrity transform", **base)
+    depth = max(outer)  # innermost-first index of the outermost integrity layer
+    item = job.item_info()
+    digests = ItemDigests(chain, item, index_.count, job.records, stop=depth)
+    for k, stored_at in enumerate(index_.stored_offsets()):
+        start, end = index_.raw_span(k)
+        sizes = index_.layer_sizes[k]
+        chunk = ChunkInfo(item, k, index_.count, start, end - start)
+        decode_chunk(chain, job.pread(stored_at, sizes[-1]), chunk, sizes, stop=depth, digests=digests)
+    digests.check()
+    return ItemCheck(status="ok", detail=_detail(chain.descriptors[depth], digests), **base)
+
+
+def _detail(descriptor: str, digests: ItemDigests) -> str:
+    """What verified the item: its outermost integrity layer, and whether item records too."""
+    return f"{descriptor} (and item digest)" if digests else descriptor

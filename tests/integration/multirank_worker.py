@@ -157,8 +157,25 @@ def model_optim(path: str) -> None:
     assert_same(dict(model2.state_dict()), dict(model.state_dict()), "after-step")
 
 
+def rank_local(path: str) -> None:
+    """``use_collectives=False``: every rank saves a checkpoint of its own into one directory,
+    twice, at the same time; each loads its own values and no rank removes another's files."""
+    rank = dist.get_rank()
+    for step in (1, 2):
+        sd = {"x": torch.full((64,), float(10 * step + rank)), "note": f"rank {rank} step {step}"}
+        dcp.save(sd, storage_writer=writer(path), use_collectives=False)
+        dist.barrier()
+        dest = {"x": torch.zeros(64), "note": ""}
+        dcp.load(dest, storage_reader=reader(path))
+        assert dest["note"] == f"rank {rank} step {step}" and torch.equal(dest["x"], sd["x"]), dest
+        dist.barrier()
+    mine = sorted(n for n in os.listdir(path) if n.startswith(f"__{rank}_") and n.endswith(".distcp"))
+    assert len(mine) == 1, f"rank {rank}: the first save's files were not removed: {mine}"
+
+
 SCENARIOS: dict[str, Callable[[str], None]] = {
     "replicated": replicated,
+    "rank_local": rank_local,
     "dtensor_save": dtensor_save,
     "dtensor_load": dtensor_load,
     "model_optim": model_optim,

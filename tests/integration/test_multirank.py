@@ -113,7 +113,7 @@ def world2(world4: tuple[Run, Path], tmp_path_factory: pytest.TempPathFactory) -
     """2 ranks: a replicated save/load, loading the 4-rank DTensor checkpoint, model + optimizer."""
     root = tmp_path_factory.mktemp("world2")
     dtensor = world4[1] / "dtensor"
-    jobs = [("replicated", root / "replicated"), ("model_optim", root / "model_optim")]
+    jobs = [("replicated", root / "replicated"), ("model_optim", root / "model_optim"), ("rank_local", root / "rank_local")]
     if ("dtensor_save", 0) in world4[0].passed:
         jobs.append(("dtensor_load", dtensor))
     return launch(jobs, 2, root / "logs"), root
@@ -130,6 +130,14 @@ def test_replicated_state_dict(request: pytest.FixtureRequest, world: int) -> No
     dest = blank(worker.replicated_state())
     dcpx.load(dest, path)  # and a single process reads it back
     assert_same(dest, worker.replicated_state())
+
+
+def test_ranks_saving_on_their_own_keep_each_others_files(world2: tuple[Run, Path]) -> None:
+    run, root = world2
+    run.check("rank_local")
+    names = sorted(os.listdir(root / "rank_local"))
+    assert "__0.metadata" in names and "__1.metadata" in names and ".metadata" not in names
+    assert len([n for n in names if n.startswith(".dcpx-manifest-")]) == 2, names
 
 
 @pytest.fixture

@@ -247,6 +247,21 @@ def test_no_key_anywhere() -> None:
         Keyring().get("k9")
 
 
+def test_has_keys_counts_every_key_source(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                             provider) -> None:  # type: ignore[no-untyped-def]
+    """What the core asks before it lets a manifest's key claim go unchecked."""
+    assert not EncryptTransform().has_keys() and not Keyring().has_keys()
+    assert EncryptTransform(keys={"a": K1}).has_keys()
+    monkeypatch.setenv("DCPX_ENCRYPT_KEY", b64(K1))
+    assert EncryptTransform().has_keys()
+    monkeypatch.delenv("DCPX_ENCRYPT_KEY")
+    monkeypatch.setenv("DCPX_ENCRYPT_KEY_FILE", str(write_keyfile(tmp_path / "k.json", {"x": K3})))
+    assert Keyring().has_keys()
+    monkeypatch.delenv("DCPX_ENCRYPT_KEY_FILE")
+    provider({})
+    assert Keyring().has_keys()  # a key-provider hook may know any id
+
+
 # -- helpers ------------------------------------------------------------------------------
 def test_generate_and_format_helpers(tmp_path: Path) -> None:
     a, b = generate_key(), generate_key()

@@ -323,6 +323,15 @@ class Keyring:
             )
         return primary
 
+    def has_keys(self) -> bool:
+        """Whether any key source is configured: explicit keys, the environment, a key file
+        or a key-provider hook.  A reader holding none cannot check a keyed manifest; one
+        holding some must not let a manifest name a key id it lacks to skip the check."""
+        if self._cache:
+            return True
+        env_keys, _ = read_env(self.environ)
+        return bool(env_keys) or bool(self._file()[0]) or _hook("dcpx_encrypt_get_key") is not None
+
     def get(self, key_id: str, fqn: str | None = None) -> bytes:
         """The key for ``key_id``; a ``MissingKeyError`` naming the id and how to supply it."""
         key = self._cache.get(key_id)

@@ -95,6 +95,11 @@ class EncryptTransform(dcpx.Transform):
         key_id = self.key_id()
         return key_id, self.manifest_key_for(key_id)
 
+    def has_keys(self) -> bool:
+        """Whether this instance can find any key at all (the core asks before it lets a
+        manifest's key claim go unchecked: only a reader without keys may skip it)."""
+        return self.keyring.has_keys()
+
     def manifest_key_for(self, key_id: str) -> bytes:
         """The manifest HMAC key for ``key_id``: HKDF of the master key, never the key itself."""
         return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=MANIFEST_HMAC_INFO).derive(
