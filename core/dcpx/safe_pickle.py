@@ -133,12 +133,15 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     def _admit_tuple(self, value: tuple[Any, ...]) -> None:
         """Record how deeply ``value`` nests tuples (only those nesting at all are kept, and
         kept alive, so that ids stay unique while the pickle loads)."""
-        nested = self._nested
-        depth = 1 + max((nested[id(e)][1] if id(e) in nested else 1 for e in value if type(e) is tuple), default=0)
-        if depth > 1:
-            if depth > MAX_TUPLE_NESTING:
+        nested, inner = self._nested, 0
+        for e in value:
+            if type(e) is tuple:
+                known = nested.get(id(e))
+                inner = max(inner, known[1] if known is not None else 1)
+        if inner:
+            if inner >= MAX_TUPLE_NESTING:
                 raise UnsafeCheckpointError(f"{self._where}: tuples nested more than {MAX_TUPLE_NESTING} deep")
-            nested[id(value)] = (value, depth)
+            nested[id(value)] = (value, inner + 1)
 
     def _admit_built(self) -> None:
         """Charge what an allowed callable just returned (top of the stack) to the budget."""
@@ -158,20 +161,24 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         self.append(value)
         self._admit_tuple(value)
 
+    # TUPLE1-3 build most of metadata's 100,000 tuples, almost none holding a tuple: test inline
     def _load_tuple1(self) -> None:
         stack = self.stack
-        stack[-1] = value = (stack[-1],)
-        self._admit_tuple(value)
+        stack[-1] = value = (a := stack[-1],)
+        if type(a) is tuple:
+            self._admit_tuple(value)
 
     def _load_tuple2(self) -> None:
         stack = self.stack
-        stack[-2:] = [value := (stack[-2], stack[-1])]
-        self._admit_tuple(value)
+        stack[-2:] = [value := (a := stack[-2], b := stack[-1])]
+        if type(a) is tuple or type(b) is tuple:
+            self._admit_tuple(value)
 
     def _load_tuple3(self) -> None:
         stack = self.stack
-        stack[-3:] = [value := (stack[-3], stack[-2], stack[-1])]
-        self._admit_tuple(value)
+        stack[-3:] = [value := (a := stack[-3], b := stack[-2], c := stack[-1])]
+        if type(a) is tuple or type(b) is tuple or type(c) is tuple:
+            self._admit_tuple(value)
 
     dispatch[pickle.BUILD[0]] = _load_build
     dispatch[pickle.BYTEARRAY8[0]] = _load_bytearray8

@@ -22,6 +22,7 @@ from torch.futures import Future
 from . import commit, digest, manifest
 from .errors import CommitError, ConfigError
 from .framing import RAW_DESCRIPTOR
+from .gc_pause import gc_paused
 from .checkpoint_files import metadata_files, referenced_files
 from .item_writer import ItemState, ItemStorageInfo, WholeItem, item_result, torch_save_bytes
 from .pipeline import DEFAULT_CHUNK_SIZE, BoundChain, OrderedWindow, codec_pool, default_workers, encode_chunk, iter_chunks
@@ -300,7 +301,8 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         metadata.storage_data = storage
         metadata.version = DCP_VERSION
         metadata.storage_meta = StorageMeta(checkpoint_id=self.path, save_id=checkpoint_id)
-        md_bytes = pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL)
+        with gc_paused():  # pickling creates a dict per entry; collections only rescan torch's heap
+            md_bytes = pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL)
         extra: dict[str, Any] = {"files": _file_sizes(self.path, records)}
         keyed = self.rules.manifest_key()
         if keyed is not None:
