@@ -171,7 +171,7 @@ def test_a_save_left_unfinished_does_not_lock_the_path(committed):
 
 def test_a_save_still_writing_keeps_the_lock(committed):
     stale, metadata, results = _write_without_finishing(committed, 2.0)
-    stale._lock.busy = True  # as while it writes or commits
+    stale._scope.lock.busy = True  # as while it writes or commits
     with pytest.raises(dcpx.CommitError, match="another save"):
         dcpx.save(_state(3.0), committed, transforms=["zstd"], sync_files=False)
     stale.finish(metadata, [results])

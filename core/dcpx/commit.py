@@ -24,6 +24,11 @@ from .errors import CommitError
 METADATA = ".metadata"
 METADATA_FILE = re.compile(r"^(__\d+)?\.metadata$")  # global, or one rank's own (no collectives)
 LOCK = ".dcpx.lock"
+
+
+def metadata_name(rank: int | None) -> str:
+    """``.metadata``, or with a rank the file of that rank's own checkpoint (no collectives)."""
+    return METADATA if rank is None else f"__{rank}{METADATA}"
 # Files a dcpx save may create; only these are ever removed by cleanup.
 _OWNED = re.compile(r"^(__\d+_\d+(\.[0-9a-f]{8,32})?(\.st)?\.distcp|\.dcpx-manifest-[0-9a-f]{32}\.json|\.metadata\.tmp-[0-9a-f]{32}|\.dcpx-manifest-[0-9a-f]{32}\.json\.tmp)$")
 

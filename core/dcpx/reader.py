@@ -117,7 +117,7 @@ class FileSystemReader(StorageReader):
         if rank is not None and self.metadata_error is not None and os.path.lexists(os.path.join(self.path, commit.METADATA)):
             # the global metadata exists but was refused: never fall back to a stale rank-local one
             raise self.metadata_error
-        name = commit.METADATA if rank is None else f"__{rank}{commit.METADATA}"
+        name = commit.metadata_name(rank)
         try:
             metadata, data = load_metadata(self.path, name)
             self.manifest = load_manifest(self.path, metadata, data)

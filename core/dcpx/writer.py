@@ -23,11 +23,12 @@ from . import commit, digest, manifest
 from .errors import CommitError, ConfigError
 from .framing import RAW_DESCRIPTOR
 from .gc_pause import gc_paused
-from .checkpoint_files import metadata_files, referenced_files
+from .checkpoint_files import metadata_files
 from .item_writer import ItemState, ItemStorageInfo, WholeItem, item_result, torch_save_bytes
 from .pipeline import DEFAULT_CHUNK_SIZE, BoundChain, OrderedWindow, codec_pool, default_workers, encode_chunk, iter_chunks
 from .rules import TransformSpec, resolve_transforms
 from .safetensors_io import write_safetensors_file
+from .save_scope import SaveScope
 from .tensor_bytes import tensor_bytes
 from .transform import ChunkInfo, ItemInfo
 
@@ -106,8 +107,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         self.is_coordinator = True
         self.use_collectives = True
         self._plan: _PlanData | None = None
-        self._lock: commit.SaveLock | None = None
-        self._replacing: set[str] = set()  # files the checkpoint this save replaces uses
+        self._scope: SaveScope | None = None  # set while a save holds the directory
         self.save_id = uuid.uuid4().hex
 
     # -- StorageWriter protocol -------------------------------------------------------
@@ -136,7 +136,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         os.makedirs(self.path, exist_ok=True)
-        if os.path.exists(os.path.join(self.path, self._metadata_name(0 if not self.use_collectives else None))):
+        if os.path.exists(os.path.join(self.path, commit.metadata_name(None if self.use_collectives else 0))):
             if not self.overwrite:
                 raise CommitError(f"{self.path}: Checkpoint already exists and overwrite=False; pass overwrite=True or save elsewhere")
         if not self.use_collectives:
@@ -144,7 +144,8 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        self._lock_and_clean()
+        self._scope = SaveScope(self.path, self._own_rank())
+        self._scope.lock_and_clean()
         shared = self._new_plan_data("")
         return [
             dataclasses.replace(p, storage_data=dataclasses.replace(shared, prefix=f"__{i}_"))
@@ -186,20 +187,20 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
             self._release()
             fut.set_exception(errors[0])
         else:
-            if self._lock is not None:
-                self._lock.busy = False  # waiting for the other ranks now (see SaveLock)
+            if self._scope is not None:
+                self._scope.lock.busy = False  # waiting for the other ranks now (see SaveLock)
             fut.set_result(results)
         return fut
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         try:
-            if self._lock is not None:
-                if self._lock.superseded:
+            if self._scope is not None:
+                if self._scope.lock.superseded:
                     raise CommitError(
                         f"{self.path}: a newer save to this path from this process took over before this "
                         "one was committed (its other ranks had not finished); nothing was committed"
                     )
-                self._lock.busy = True
+                self._scope.lock.busy = True
             self._commit(metadata, results)
         finally:
             self._release()
@@ -311,16 +312,10 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         man_name = manifest.manifest_name(checkpoint_id)
         data = manifest.dumps(body, keyed[2] if keyed is not None else None)
         commit.write_atomic(self.path, man_name, data, man_name + ".tmp", self.sync_files)
-        md_name = self._metadata_name(self._own_rank())
+        md_name = commit.metadata_name(self._own_rank())
         commit.write_atomic(self.path, md_name, md_bytes, f".metadata.tmp-{checkpoint_id}", self.sync_files)
-        # the previous checkpoint of this scope is now replaced: remove what only it used
-        others = referenced_files(self.path, self._other_metadata())
-        if others is not None:
-            keep = others | {r.file for r in records} | {man_name}
-            commit.remove_files(self.path, self._in_scope(commit.owned_leftovers(self.path, keep)))
-
-    def _metadata_name(self, rank: int | None) -> str:
-        return commit.METADATA if rank is None else f"__{rank}{commit.METADATA}"
+        if self._scope is not None:
+            self._scope.clean_after_commit({r.file for r in records} | {man_name})
 
     def _own_rank(self) -> int | None:
         """The rank whose own checkpoint this is (``use_collectives=False``), else None."""
@@ -330,41 +325,10 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         committed = bool(metadata_files(self.path))  # then new names must not reuse its files
         return _PlanData(prefix, self.save_id, uuid.uuid4().hex[:12] if committed else None)
 
-    def _lock_and_clean(self) -> None:
-        """Lock this save's scope, then remove what interrupted saves left in it; files any
-        committed metadata in the directory uses are kept."""
-        self._lock = commit.SaveLock(self.path, self._own_rank())
-        self._lock.busy = True
-        self._lock.acquire()
-        own = self._metadata_name(self._own_rank())
-        replacing = referenced_files(self.path, [own])
-        keep = referenced_files(self.path, self._other_metadata())
-        self._replacing = replacing or set()
-        if keep is not None and replacing is not None:
-            commit.remove_files(self.path, self._in_scope(commit.owned_leftovers(self.path, keep | replacing)))
-
-    def _other_metadata(self) -> list[str]:
-        """The committed metadata files, besides the one this save replaces, that may use
-        files in its scope: all of them for a collective save; for a rank saving on its own
-        only the global ``.metadata`` (other ranks' own checkpoints use only their files)."""
-        own = self._metadata_name(self._own_rank())
-        if self._own_rank() is not None:
-            return [commit.METADATA]
-        return [n for n in metadata_files(self.path) if n != own]
-
-    def _in_scope(self, names: list[str]) -> list[str]:
-        """The whole directory is a collective save's to clean.  A rank saving on its own
-        (``use_collectives=False``) may remove only its own ``__<rank>_`` files and what its
-        previous checkpoint used, never another rank's."""
-        rank = self._own_rank()
-        if rank is None:
-            return names
-        return [n for n in names if n.startswith(f"__{rank}_") or n in self._replacing]
-
     def _release(self) -> None:
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        if self._scope is not None:
+            self._scope.lock.release()
+            self._scope = None
 
 
 def _chain(*iterables: Iterator[Any]) -> Iterator[Any]:
