@@ -173,7 +173,21 @@ def rank_local(path: str) -> None:
     assert len(mine) == 1, f"rank {rank}: the first save's files were not removed: {mine}"
 
 
+def async_process(path: str) -> None:
+    """``dcp.async_save`` on torch's process-based executor: the writer is pickled into a
+    checkpointing process that saves while this one goes on."""
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+    sd = replicated_state()
+    dcp.async_save(sd, storage_writer=writer(path), async_checkpointer_type=AsyncCheckpointerType.PROCESS).result()
+    dist.barrier()
+    dest = blank(sd)
+    dcp.load(dest, storage_reader=reader(path))
+    assert_same(dest, replicated_state())
+
+
 SCENARIOS: dict[str, Callable[[str], None]] = {
+    "async_process": async_process,
     "replicated": replicated,
     "rank_local": rank_local,
     "dtensor_save": dtensor_save,

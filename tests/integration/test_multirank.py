@@ -110,10 +110,11 @@ def world4(tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, Path]:
 
 @pytest.fixture(scope="module")
 def world2(world4: tuple[Run, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, Path]:
-    """2 ranks: a replicated save/load, loading the 4-rank DTensor checkpoint, model + optimizer."""
+    """2 ranks: a replicated save/load, model + optimizer, rank-local saves, an async save in a
+    checkpointing process, and loading the 4-rank DTensor checkpoint."""
     root = tmp_path_factory.mktemp("world2")
     dtensor = world4[1] / "dtensor"
-    jobs = [("replicated", root / "replicated"), ("model_optim", root / "model_optim"), ("rank_local", root / "rank_local")]
+    jobs = [(name, root / name) for name in ("replicated", "model_optim", "rank_local", "async_process")]
     if ("dtensor_save", 0) in world4[0].passed:
         jobs.append(("dtensor_load", dtensor))
     return launch(jobs, 2, root / "logs"), root
@@ -129,6 +130,14 @@ def test_replicated_state_dict(request: pytest.FixtureRequest, world: int) -> No
         assert info.transform_descriptors == ["frame@dcpx/1", "stream.zstd/1"]
     dest = blank(worker.replicated_state())
     dcpx.load(dest, path)  # and a single process reads it back
+    assert_same(dest, worker.replicated_state())
+
+
+def test_async_save_in_a_checkpointing_process(world2: tuple[Run, Path]) -> None:
+    run, root = world2
+    run.check("async_process")
+    dest = blank(worker.replicated_state())
+    dcpx.load(dest, root / "async_process")
     assert_same(dest, worker.replicated_state())
 
 
