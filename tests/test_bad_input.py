@@ -10,6 +10,7 @@ import pickle
 import shutil
 import signal
 import struct
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -510,6 +511,43 @@ FORGED_STRUCTURE: dict[str, tuple[Callable[[Any], None], str]] = {
     "shared-chunk-lists": (lambda m: m.state_dict_metadata.update(
         {f"copy{i}": _with_chunks(_tensor_md(m), 2000) for i in range(2000)}), "referenced over and over"),
 }
+
+
+def _peak_rss_growth(run: Callable[[], Any]) -> int:
+    """Bytes the process's RSS rose above its start while ``run`` ran (sampled every 2 ms)."""
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    start, peak, done = rss(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.002):
+            peak[0] = max(peak[0], rss() - start)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        run()
+    finally:
+        done.set()
+        sampler.join()
+    return peak[0]
+
+
+def test_non_tensor_entry_claiming_a_gigabyte_allocates_nothing(framed: Path, watchdog: dict[str, bool]) -> None:
+    """A non-tensor entry's frame index may claim up to ``max_item_bytes`` (1 GiB); a 57-byte
+    forgery used to have the reader zero a whole gigabyte before its one chunk failed."""
+    chunk = b"\x07"  # no valid dcpx-zstd chunk kind
+    index = framing.FrameIndex(raw_size=1 << 30, chunk_size=1 << 30, layers=1, layer_sizes=((len(chunk),),))
+    forged = chunk + index.encode()
+    info = _items(framed)["extra.note"]
+    with open(framed / info.relative_path, "ab") as f:
+        offset = f.tell()
+        f.write(forged)
+    rewrite_metadata(framed, _set_info("extra.note", offset=offset, length=len(forged)))
+    grew = _peak_rss_growth(lambda: load_fails(framed, watchdog))
+    assert grew < 256 << 20, f"RSS rose by {grew >> 20} MiB"
 
 
 def _with_chunks(entry: Any, count: int) -> Any:
