@@ -15,6 +15,7 @@ import sys
 import time
 
 import torch
+import torch.distributed.checkpoint as dcp
 
 import dcpx
 from dcpx import commit
@@ -57,7 +58,11 @@ def run(cmd: dict) -> dict:
         try:
             if cmd.get("phase"):
                 arm(cmd["phase"])
-            dcpx.save(state(cmd["value"]), cmd["path"], transforms=["zstd"], chunk_size=64 << 10, sync_files=False)
+            if cmd.get("local"):  # the rank's own checkpoint, as with several ranks saving apart
+                writer = dcpx.FileSystemWriter(cmd["path"], transforms=["zstd"], chunk_size=64 << 10, sync_files=False)
+                dcp.save(state(cmd["value"]), storage_writer=writer, use_collectives=False)
+            else:
+                dcpx.save(state(cmd["value"]), cmd["path"], transforms=["zstd"], chunk_size=64 << 10, sync_files=False)
             os._exit(0)
         except BaseException:
             os._exit(3)

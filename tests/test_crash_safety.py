@@ -36,8 +36,9 @@ class Zygote:
         self.proc = subprocess.Popen([sys.executable, script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env)
 
-    def save(self, path, value: float, kill_after: float | None = None, phase: str | None = None) -> dict:
-        cmd = {"path": str(path), "value": value, "kill_after": kill_after, "phase": phase}
+    def save(self, path, value: float, kill_after: float | None = None, phase: str | None = None,
+             local: bool = False) -> dict:
+        cmd = {"path": str(path), "value": value, "kill_after": kill_after, "phase": phase, "local": local}
         self.proc.stdin.write(json.dumps(cmd) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
@@ -88,6 +89,45 @@ def test_kill_at_random_points(committed, zygote):
     dcpx.save(_state(99.0), committed, transforms=["zstd"], sync_files=False)
     assert _load_values(committed) == {99.0}
     _assert_no_leftovers(committed)
+
+
+@pytest.mark.parametrize("phase", ["before-manifest", "before-metadata", "after-metadata", "mid-cleanup"])
+def test_rank_local_save_killed_in_its_commit(tmp_path, zygote, phase):
+    """A rank's own checkpoint (``use_collectives=False``): its manifest and temporary files
+    carry no rank prefix, yet the rank's next save removes what the killed one left."""
+    path = tmp_path / "own"
+    assert zygote.save(path, 1.0, local=True)["exit"] == 0
+    assert zygote.save(path, 2.0, phase=phase, local=True)["killed"]
+    assert _load_values(path) == ({1.0} if phase in ("before-manifest", "before-metadata") else {2.0})
+    assert zygote.save(path, 3.0, local=True)["exit"] == 0
+    assert _load_values(path) == {3.0}
+    assert (path / "__0.metadata").exists() and not (path / ".metadata").exists()
+    _assert_no_leftovers(path)
+
+
+def test_lock_files_are_never_written_through_a_link(tmp_path):
+    """A rank notes its commit in its lock file: a hard-linked lock is left unwritten, and a
+    symbolic link is refused, so no file outside the checkpoint is truncated."""
+    import torch.distributed.checkpoint as dcp
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    path = tmp_path / "own"
+    path.mkdir()
+    os.link(victim, path / ".dcpx-0.lock")
+    dcp.save(_state(1.0), storage_writer=dcpx.FileSystemWriter(path, sync_files=False), use_collectives=False)
+    assert _load_values(path) == {1.0}
+    assert victim.read_text() == "keep me"
+    (path / ".dcpx-0.lock").unlink()
+    os.symlink(victim, path / ".dcpx-0.lock")
+    with pytest.raises(Exception, match="lock file is a symbolic link"):
+        dcp.save(_state(2.0), storage_writer=dcpx.FileSystemWriter(path, sync_files=False), use_collectives=False)
+    (path / ".dcpx.lock").unlink()  # the rank-local saves shared it
+    os.symlink(victim, path / ".dcpx.lock")
+    with pytest.raises(dcpx.CommitError, match="lock file is a symbolic link"):
+        dcpx.save(_state(2.0), path, sync_files=False)
+    assert victim.read_text() == "keep me"
+    assert _load_values(path) == {1.0}
 
 
 def test_io_error_at_every_write_leaves_previous_intact(committed, monkeypatch):

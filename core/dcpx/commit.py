@@ -16,6 +16,7 @@ import fcntl
 import io
 import os
 import re
+import stat
 import threading
 from typing import Iterable
 
@@ -29,6 +30,14 @@ LOCK = ".dcpx.lock"
 def metadata_name(rank: int | None) -> str:
     """``.metadata``, or with a rank the file of that rank's own checkpoint (no collectives)."""
     return METADATA if rank is None else f"__{rank}{METADATA}"
+
+
+def metadata_tmp_name(checkpoint_id: str) -> str:
+    """The name a checkpoint's metadata file is written under before its commit rename."""
+    return f"{METADATA}.tmp-{checkpoint_id}"
+
+
+_NOTE_LIMIT = 1 << 16
 # Files a dcpx save may create; only these are ever removed by cleanup.
 _OWNED = re.compile(r"^(__\d+_\d+(\.[0-9a-f]{8,32})?(\.st)?\.distcp|\.dcpx-manifest-[0-9a-f]{32}\.json|\.metadata\.tmp-[0-9a-f]{32}|\.dcpx-manifest-[0-9a-f]{32}\.json\.tmp)$")
 
@@ -148,7 +157,13 @@ class SaveLock:
             raise
 
     def _take(self, name: str, mode: int) -> None:
-        fd = os.open(os.path.join(self.directory, name), os.O_RDWR | os.O_CREAT, 0o644)
+        path = os.path.join(self.directory, name)
+        try:  # never through a link: ``note`` writes into the lock file
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise CommitError(f"{path}: the lock file is a symbolic link; remove it and save again") from exc
         try:
             fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except OSError as exc:
@@ -161,6 +176,31 @@ class SaveLock:
                 ) from exc
             raise
         self._fds.append(fd)
+
+    def note(self, names: Iterable[str], sync: bool) -> None:
+        """Record ``names`` in the lock file held alone, for the next save of this scope."""
+        if not self._plain_file():
+            return
+        fd = self._fds[-1]
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, "\n".join(sorted(names)).encode(), 0)
+        if sync:
+            os.fsync(fd)
+
+    def noted(self) -> set[str]:
+        """What ``note`` recorded: only names a dcpx save may create (the file is untrusted)."""
+        if not self._plain_file():
+            return set()
+        text = os.pread(self._fds[-1], _NOTE_LIMIT, 0).decode("utf-8", "replace")
+        return {n for n in text.split("\n") if _OWNED.match(n)}
+
+    def _plain_file(self) -> bool:
+        """Whether the lock held alone is a regular file with no other name (a hard link
+        would make ``note`` write into a file elsewhere)."""
+        if not self._fds:
+            return False
+        st = os.fstat(self._fds[-1])
+        return stat.S_ISREG(st.st_mode) and st.st_nlink == 1
 
     def release(self) -> None:
         with SaveLock._registry:

@@ -311,9 +311,11 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         body = manifest.build(checkpoint_id, md_bytes, records, extra)
         man_name = manifest.manifest_name(checkpoint_id)
         data = manifest.dumps(body, keyed[2] if keyed is not None else None)
+        if self._scope is not None:
+            self._scope.begin_commit(checkpoint_id, self.sync_files)
         commit.write_atomic(self.path, man_name, data, man_name + ".tmp", self.sync_files)
         md_name = commit.metadata_name(self._own_rank())
-        commit.write_atomic(self.path, md_name, md_bytes, f".metadata.tmp-{checkpoint_id}", self.sync_files)
+        commit.write_atomic(self.path, md_name, md_bytes, commit.metadata_tmp_name(checkpoint_id), self.sync_files)
         if self._scope is not None:
             self._scope.clean_after_commit({r.file for r in records} | {man_name})
 
