@@ -5,7 +5,8 @@ unless a single item is larger) and hands each group to the dcpx writer, so a ch
 any size is converted with memory for one group.  A DCP destination is one checkpoint with
 the source's ``state_dict_metadata`` and one storage item per stored chunk (same
 ``MetadataIndex`` offsets), committed once at the end.  Afterwards every item of the
-destination is decoded and compared with the source's, again a group at a time.
+destination is decoded and compared with the source's, again a group at a time
+(``convert_check``).
 
 Sources: a DCP directory (dcpx or stock torch), a ``torch.save`` file (``.pt``/``.pth``,
 loaded with ``weights_only=True`` and memory-mapped) or a ``.safetensors`` file.
@@ -23,7 +24,7 @@ import re
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch.distributed.checkpoint._nested_dict import unflatten_state_dict
@@ -31,9 +32,10 @@ from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
 
 from . import commit
-from .errors import CheckpointFormatError, ConfigError, DcpxError, IntegrityError
+from .convert_check import ConvertVerificationError, Progress, compare
+from .errors import CheckpointFormatError, ConfigError, DcpxError
 from .pipeline import DEFAULT_CHUNK_SIZE
-from .tensor_bytes import element_size
+from .tensor_bytes import region
 from .transform import Transform
 from .writer import FileSystemWriter
 from .convert_sources import (
@@ -42,19 +44,10 @@ from .convert_sources import (
     _Blob,
     _Source,
     open_source,
-    DcpSource,
     _safetensors,
 )
 
 DEFAULT_GROUP_BYTES = 64 << 20
-
-#: ``progress(stage, done_bytes, total_bytes)``; stage is "convert" or "verify".
-Progress = Callable[[str, int, int], None]
-
-
-class ConvertVerificationError(IntegrityError):
-    """The written destination does not decode to the source's items."""
-
 
 @dataclass
 class ConvertReport:
@@ -100,7 +93,7 @@ def convert(
         raise ConfigError("group_bytes must be positive")
     source = open_source(src, reader_transforms, workers)
     report = ConvertReport(src, dst, source.format, dst_format, len(source.items),
-                           sum(_item_nbytes(i, source) for i in source.items), 0, False, 0.0)
+                           sum(source.raw_size(i) for i in source.items), 0, False, 0.0)
     if dst_format == "dcp":
         writer = FileSystemWriter(dst, transforms=transforms, compat=compat, chunk_size=chunk_size,
                                   workers=workers, overwrite=overwrite)
@@ -173,12 +166,12 @@ def _write_dcp(source: _Source, writer: FileSystemWriter, group_bytes: int, prog
         (plan,) = writer.prepare_global_plan([plan])
         shared = plan.storage_data
         done = 0
-        for n, group in enumerate(_groups(source, source.items, group_bytes)):
+        for n, group in enumerate(source.groups(source.items, group_bytes)):
             data = source.read(group)
             sub = dataclasses.replace(plan, items=group, storage_data=dataclasses.replace(shared, prefix=f"__{n}_"))
             results.extend(writer.write_data(sub, _GroupPlanner(data)).wait())  # type: ignore[arg-type]
             del data
-            done += sum(_item_nbytes(i, source) for i in group)
+            done += sum(source.raw_size(i) for i in group)
             if progress is not None:
                 progress("convert", done, total)
         metadata = Metadata(dict(source.metadata.state_dict_metadata), planner_data=source.metadata.planner_data)
@@ -214,7 +207,7 @@ def _write_single_file(source: _Source, dst: str, fmt: str, group_bytes: int, pr
     flat: dict[str, Any] = {}
     covered: dict[str, int] = {}
     done = 0
-    for group in _groups(source, source.items, group_bytes):
+    for group in source.groups(source.items, group_bytes):
         data = source.read(group)
         for item in group:
             value = data[item.index]
@@ -228,9 +221,9 @@ def _write_single_file(source: _Source, dst: str, fmt: str, group_bytes: int, pr
                 whole = flat.get(fqn)
                 if whole is None:
                     whole = flat[fqn] = _whole_tensor(source.path, fqn, tuple(td.size), td.properties.dtype)
-                _region(whole, td.chunk.offsets, td.chunk.sizes).copy_(value)
+                region(whole, td.chunk.offsets, td.chunk.sizes).copy_(value)
                 covered[fqn] = covered.get(fqn, 0) + math.prod(td.chunk.sizes)
-        done += sum(_item_nbytes(i, source) for i in group)
+        done += sum(source.raw_size(i) for i in group)
         if progress is not None:
             progress("convert", done, total)
     for fqn, n in covered.items():
@@ -281,97 +274,6 @@ def _unshared(flat: dict[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
-# -- verification ------------------------------------------------------------------------
-def compare(source: _Source, written: _Source, group_bytes: int, progress: Progress | None = None, total: int = 0) -> None:
-    """Check that every item of ``written`` decodes and equals ``source``'s, a group at a time."""
-    dst = written.path
-    src_fqns = {i.index.fqn for i in source.items}
-    dst_fqns = {i.index.fqn for i in written.items}
-    if src_fqns != dst_fqns:
-        missing, extra = sorted(src_fqns - dst_fqns), sorted(dst_fqns - src_fqns)
-        raise ConvertVerificationError(f"{dst}: items differ from {source.path}: missing {missing[:5]}, unexpected {extra[:5]}")
-    if isinstance(written, DcpSource) and isinstance(source, DcpSource):
-        if written.metadata.state_dict_metadata != source.metadata.state_dict_metadata:
-            raise ConvertVerificationError(f"{dst}: state_dict_metadata differs from {source.path}'s")
-        if set(written.metadata.storage_data) != set(source.metadata.storage_data):
-            raise ConvertVerificationError(f"{dst}: stored chunks differ from {source.path}'s")
-    by_fqn: dict[str, list[WriteItem]] = {}
-    for item in written.items:
-        by_fqn.setdefault(item.index.fqn, []).append(item)
-    done = 0
-    for group in _groups(source, source.items, group_bytes):
-        holders = [_holder(item, by_fqn[item.index.fqn], dst) for item in group]
-        expected = source.read(group)
-        try:
-            actual = written.read(list({h.index: h for h in holders}.values()))
-        except DcpxError as exc:
-            raise ConvertVerificationError(f"{dst}: does not read back: {exc}") from exc
-        for item, holder in zip(group, holders):
-            _compare_item(item, expected[item.index], holder, actual[holder.index], dst)
-        del expected, actual
-        done += sum(_item_nbytes(i, source) for i in group)
-        if progress is not None:
-            progress("verify", done, total)
-
-
-def _where(item: WriteItem, dst: str) -> str:
-    shard = f" at offsets {tuple(item.index.offset)}" if item.type == WriteItemType.SHARD else ""
-    return f"{dst}: item {item.index.fqn!r}{shard}"
-
-
-def _holder(item: WriteItem, candidates: list[WriteItem], dst: str) -> WriteItem:
-    """The destination item that holds ``item``'s data (the same chunk, or a whole tensor)."""
-    if item.type == WriteItemType.BYTE_IO:
-        if candidates[0].type != WriteItemType.BYTE_IO:
-            raise ConvertVerificationError(f"{_where(item, dst)}: expected a non-tensor entry, found a tensor")
-        return candidates[0]
-    offsets, sizes = tuple(item.tensor_data.chunk.offsets), tuple(item.tensor_data.chunk.sizes)
-    for cand in candidates:
-        if cand.type == WriteItemType.BYTE_IO:
-            raise ConvertVerificationError(f"{_where(item, dst)}: expected a tensor, found a non-tensor entry")
-        c_off, c_size = tuple(cand.tensor_data.chunk.offsets), tuple(cand.tensor_data.chunk.sizes)
-        if len(c_off) == len(offsets) and all(co <= o and o + s <= co + cs for co, cs, o, s in zip(c_off, c_size, offsets, sizes)):
-            return cand
-    raise ConvertVerificationError(f"{_where(item, dst)}: no stored chunk covers offsets {offsets}")
-
-
-def _compare_item(item: WriteItem, expected: torch.Tensor | _Blob, holder: WriteItem, got: torch.Tensor | _Blob, dst: str) -> None:
-    where = _where(item, dst)
-    if isinstance(expected, _Blob):
-        if not isinstance(got, _Blob):
-            raise ConvertVerificationError(f"{where}: expected a non-tensor entry, found a tensor")
-        if got.data != expected.data and not same_value(got.value, expected.value):
-            raise ConvertVerificationError(f"{where}: value differs from the source")
-        return
-    if not isinstance(got, torch.Tensor):
-        raise ConvertVerificationError(f"{where}: expected a tensor, found a non-tensor entry")
-    chunk, held = item.tensor_data.chunk, holder.tensor_data.chunk
-    region = _region(got, [o - h for o, h in zip(chunk.offsets, held.offsets)], chunk.sizes)
-    if region.dtype != expected.dtype or tuple(region.shape) != tuple(expected.shape):
-        raise ConvertVerificationError(
-            f"{where}: {region.dtype} {tuple(region.shape)} where the source has {expected.dtype} {tuple(expected.shape)}"
-        )
-    if not torch.equal(_as_bytes(region), _as_bytes(expected)):
-        raise ConvertVerificationError(f"{where}: tensor bytes differ from the source")
-
-
-def same_value(a: Any, b: Any) -> bool:
-    """Equality for loaded non-tensor entries: tensors bit for bit, containers element-wise."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
-                and a.shape == b.shape and torch.equal(_as_bytes(a), _as_bytes(b)))
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-        return True
-    try:
-        return bool(a == b)
-    except Exception:
-        return False
-
-
 # -- helpers -----------------------------------------------------------------------------
 def _check_paths(src: str, dst: str, dst_format: str, overwrite: bool) -> None:
     if not os.path.exists(src):
@@ -403,40 +305,6 @@ def _reader_config(reader_transforms: Sequence[Any] | None, transforms: Sequence
         specs = spec.transforms if isinstance(spec, Rule) else [spec]
         out.extend(t for t in specs if not isinstance(t, str))
     return out
-
-
-def _groups(source: _Source, items: Sequence[WriteItem], limit: int) -> Iterator[list[WriteItem]]:
-    """Consecutive items whose raw size stays under ``limit`` (one item may exceed it)."""
-    group: list[WriteItem] = []
-    size = 0
-    for item in items:
-        n = _item_nbytes(item, source)
-        if group and size + n > limit:
-            yield group
-            group, size = [], 0
-        group.append(item)
-        size += n
-    if group:
-        yield group
-
-
-def _item_nbytes(item: WriteItem, source: _Source) -> int:
-    if item.type == WriteItemType.BYTE_IO:
-        return source.stored_size(item)
-    td = item.tensor_data
-    return math.prod(td.chunk.sizes) * element_size(td.properties.dtype)
-
-
-def _region(tensor: torch.Tensor, offsets: Sequence[int], sizes: Sequence[int]) -> torch.Tensor:
-    for dim, (o, n) in enumerate(zip(offsets, sizes)):
-        tensor = tensor.narrow(dim, int(o), int(n))
-    return tensor
-
-
-def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    """The logical bytes of a tensor, so comparison is bit-exact (NaNs, -0.0 included)."""
-    flat = tensor.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
-    return flat.view(torch.uint8) if flat.numel() else flat.to(torch.uint8)
 
 
 def _stored_bytes(dst: str, fmt: str, written: _Source) -> int:

@@ -11,7 +11,7 @@ import copy
 import io
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
@@ -37,6 +37,7 @@ from .errors import CheckpointFormatError, ConfigError, DcpxError, UnsafeCheckpo
 from .reader import FileSystemReader
 from .safe_pickle import load_weights_only, weights_only_reason
 from .safetensors_io import _DTYPES as _SAFETENSORS_DTYPES
+from .tensor_bytes import nbytes_of
 
 PT_SUFFIXES = (".pt", ".pth")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -65,6 +66,27 @@ class _Source(abc.ABC):
 
     def stored_size(self, item: WriteItem) -> int:
         return 0
+
+    def raw_size(self, item: WriteItem) -> int:
+        """Bytes ``item`` takes once read: a tensor chunk's size, a non-tensor's stored size."""
+        if item.type == WriteItemType.BYTE_IO:
+            return self.stored_size(item)
+        td = item.tensor_data
+        return nbytes_of(tuple(td.chunk.sizes), td.properties.dtype)
+
+    def groups(self, items: Sequence[WriteItem], limit: int) -> Iterator[list[WriteItem]]:
+        """Consecutive items whose raw size stays under ``limit`` (one item may exceed it)."""
+        group: list[WriteItem] = []
+        size = 0
+        for item in items:
+            n = self.raw_size(item)
+            if group and size + n > limit:
+                yield group
+                group, size = [], 0
+            group.append(item)
+            size += n
+        if group:
+            yield group
 
 
 def open_source(path: str, reader_transforms: Sequence[Any] | None = None, workers: int | None = None) -> _Source:

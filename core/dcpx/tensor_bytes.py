@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+from typing import Sequence
 
 import torch
 
@@ -34,3 +35,16 @@ def writable_bytes(tensor: torch.Tensor) -> memoryview | None:
     if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.is_conj() or tensor.is_neg():
         return None
     return tensor_bytes(tensor)
+
+
+def region(tensor: torch.Tensor, offsets: Sequence[int], sizes: Sequence[int]) -> torch.Tensor:
+    """The view of ``tensor`` at ``offsets`` with ``sizes`` (a DCP chunk's box)."""
+    for dim, (o, n) in enumerate(zip(offsets, sizes)):
+        tensor = tensor.narrow(dim, int(o), int(n))
+    return tensor
+
+
+def logical_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The logical bytes of a tensor, so comparison is bit-exact (NaNs, -0.0 included)."""
+    flat = tensor.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
+    return flat.view(torch.uint8) if flat.numel() else flat.to(torch.uint8)
