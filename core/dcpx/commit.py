@@ -37,7 +37,7 @@ def metadata_tmp_name(checkpoint_id: str) -> str:
     return f"{METADATA}.tmp-{checkpoint_id}"
 
 
-_NOTE_LIMIT = 1 << 16
+_NOTE_LIMIT = 1 << 16  # bytes of a lock file's note that are read (names of one commit)
 # Files a dcpx save may create; only these are ever removed by cleanup.
 _OWNED = re.compile(r"^(__\d+_\d+(\.[0-9a-f]{8,32})?(\.st)?\.distcp|\.dcpx-manifest-[0-9a-f]{32}\.json|\.metadata\.tmp-[0-9a-f]{32}|\.dcpx-manifest-[0-9a-f]{32}\.json\.tmp)$")
 

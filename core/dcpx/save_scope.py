@@ -67,4 +67,3 @@ class SaveScope:
             mine = self._replacing | self._interrupted
             names = [n for n in names if n.startswith(f"__{self.rank}_") or n in mine]
         commit.remove_files(self.directory, names)
-
