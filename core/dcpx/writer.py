@@ -33,6 +33,8 @@ from .tensor_bytes import tensor_bytes
 from .transform import ChunkInfo, ItemInfo
 
 DCP_VERSION = "1.0.0"
+# checkpoint ids this process has written data for: a plan naming one again is a cached plan
+_WRITTEN_IDS: set[str] = set()
 SUFFIX = ".distcp"
 
 
@@ -108,7 +110,9 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         self.use_collectives = True
         self._plan: _PlanData | None = None
         self._scope: SaveScope | None = None  # set while a save holds the directory
-        self.save_id = uuid.uuid4().hex
+        self._fresh: _PlanData | None = None  # the plan data this writer made for the current save
+        self._planned_alone = False  # ... and whether it is the save's only rank
+        self.save_id = uuid.uuid4().hex  # a new one for every save (see _new_plan_data)
 
     # -- StorageWriter protocol -------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
@@ -116,9 +120,9 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         if checkpoint_id:
             self.path = os.fspath(checkpoint_id)
         self._plan = None
-        self.save_id = uuid.uuid4().hex
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self._fresh = None  # this save's plan data, once this writer plans it
         self.is_coordinator = is_coordinator
         self.rank = kwargs.get("rank")
         self.use_collectives = kwargs.get("use_collectives", True)
@@ -136,25 +140,27 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         os.makedirs(self.path, exist_ok=True)
-        if os.path.exists(os.path.join(self.path, commit.metadata_name(None if self.use_collectives else 0))):
+        if os.path.exists(os.path.join(self.path, commit.metadata_name(self._own_rank()))):
             if not self.overwrite:
                 raise CommitError(f"{self.path}: Checkpoint already exists and overwrite=False; pass overwrite=True or save elsewhere")
         if not self.use_collectives:
-            plan = dataclasses.replace(plan, storage_data=self._new_plan_data(f"__{self._own_rank()}_"))
+            plan = dataclasses.replace(plan, storage_data=self._new_plan_data(f"__{self._own_rank()}_", alone=True))
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         self._scope = SaveScope(self.path, self._own_rank())
         self._scope.lock_and_clean()
-        shared = self._new_plan_data("")
-        return [
-            dataclasses.replace(p, storage_data=dataclasses.replace(shared, prefix=f"__{i}_"))
-            if not isinstance(p.storage_data, _PlanData) else p
-            for i, p in enumerate(plans)
-        ]
+        if not self.use_collectives:  # the rank's own checkpoint: planned by prepare_local_plan
+            return plans
+        shared = self._new_plan_data("", alone=len(plans) == 1)
+        return [dataclasses.replace(p, storage_data=dataclasses.replace(shared, prefix=f"__{i}_")) for i, p in enumerate(plans)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        data: _PlanData = plan.storage_data
+        try:
+            data = self._plan_data(plan.storage_data)
+        except BaseException:
+            self._release()
+            raise
         self._plan = data
         files = self._assign_files(plan.items, data)
         results: list[WriteResult] = []
@@ -191,6 +197,31 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
                 self._scope.lock.busy = False  # waiting for the other ranks now (see SaveLock)
             fut.set_result(results)
         return fut
+
+    def _plan_data(self, data: _PlanData) -> _PlanData:
+        """The file prefix, checkpoint id and name tag this rank writes with.
+
+        DCP's plan caching (``DefaultSavePlanner(enable_plan_caching=True)``) hands a rank
+        whose plan did not change the final plan of an earlier save: its checkpoint id and
+        file names are that save's, and writing them would reuse the id and overwrite the
+        committed files in place.  Where this writer planned the save alone (one process,
+        or ``use_collectives=False``) it writes this save's own data instead; ranks of a
+        collective save cannot agree on a new id without the plan, so they refuse."""
+        fresh = self._fresh
+        stale = data.checkpoint_id in _WRITTEN_IDS or (fresh is not None and data.checkpoint_id != fresh.checkpoint_id)
+        if stale:
+            if fresh is None or not self._planned_alone:
+                raise ConfigError(
+                    f"{self.path}: rank {self.rank}: DCP handed this rank the plan of an earlier save "
+                    f"(checkpoint id {data.checkpoint_id}), as DefaultSavePlanner(enable_plan_caching=True) does "
+                    "when a rank's plan has not changed; writing it would reuse that checkpoint's id and "
+                    "files. Save without plan caching when several ranks save together (it works for a "
+                    "single process and with use_collectives=False); nothing was written"
+                )
+            data = dataclasses.replace(fresh, prefix=data.prefix)
+        _WRITTEN_IDS.add(data.checkpoint_id)
+        self.save_id = data.checkpoint_id
+        return data
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         try:
@@ -323,9 +354,14 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         """The rank whose own checkpoint this is (``use_collectives=False``), else None."""
         return None if self.use_collectives else (self.rank or 0)
 
-    def _new_plan_data(self, prefix: str) -> _PlanData:
-        committed = bool(metadata_files(self.path))  # then new names must not reuse its files
-        return _PlanData(prefix, self.save_id, uuid.uuid4().hex[:12] if committed else None)
+    def _new_plan_data(self, prefix: str, alone: bool) -> _PlanData:
+        """A new checkpoint id for this save (a writer may save many times), and a name tag
+        if the directory holds a committed checkpoint (new names must not reuse its files)."""
+        committed = bool(metadata_files(self.path))
+        self.save_id = uuid.uuid4().hex
+        self._fresh = _PlanData(prefix, self.save_id, uuid.uuid4().hex[:12] if committed else None)
+        self._planned_alone = alone
+        return self._fresh
 
     def _release(self) -> None:
         if self._scope is not None:

@@ -186,7 +186,31 @@ def async_process(path: str) -> None:
     assert_same(dest, replicated_state())
 
 
+def plan_caching(path: str) -> None:
+    """``DefaultSavePlanner(enable_plan_caching=True)``: the second save hands every rank the
+    first save's plan (its checkpoint id and files).  Each rank refuses to write it, nothing
+    is committed, and the first checkpoint is untouched."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    sd = replicated_state()
+    first, second = os.path.join(path, "first"), os.path.join(path, "second")
+    dcp.save(sd, storage_writer=writer(first), planner=DefaultSavePlanner(enable_plan_caching=True))
+    try:
+        dcp.save(sd, storage_writer=writer(second), planner=DefaultSavePlanner(enable_plan_caching=True))
+    except CheckpointException as exc:
+        assert "enable_plan_caching=True" in str(exc), exc
+    else:
+        raise AssertionError("a cached plan of an earlier save was written")
+    dist.barrier()
+    assert not os.path.exists(os.path.join(second, ".metadata"))
+    dest = blank(sd)
+    dcp.load(dest, storage_reader=reader(first))
+    assert_same(dest, replicated_state())
+
+
 SCENARIOS: dict[str, Callable[[str], None]] = {
+    "plan_caching": plan_caching,
     "async_process": async_process,
     "replicated": replicated,
     "rank_local": rank_local,

@@ -111,10 +111,10 @@ def world4(tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, Path]:
 @pytest.fixture(scope="module")
 def world2(world4: tuple[Run, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, Path]:
     """2 ranks: a replicated save/load, model + optimizer, rank-local saves, an async save in a
-    checkpointing process, and loading the 4-rank DTensor checkpoint."""
+    checkpointing process, a save handed cached plans, and loading the 4-rank DTensor checkpoint."""
     root = tmp_path_factory.mktemp("world2")
     dtensor = world4[1] / "dtensor"
-    jobs = [(name, root / name) for name in ("replicated", "model_optim", "rank_local", "async_process")]
+    jobs = [(name, root / name) for name in ("replicated", "model_optim", "rank_local", "async_process", "plan_caching")]
     if ("dtensor_save", 0) in world4[0].passed:
         jobs.append(("dtensor_load", dtensor))
     return launch(jobs, 2, root / "logs"), root
@@ -147,6 +147,13 @@ def test_ranks_saving_on_their_own_keep_each_others_files(world2: tuple[Run, Pat
     names = sorted(os.listdir(root / "rank_local"))
     assert "__0.metadata" in names and "__1.metadata" in names and ".metadata" not in names
     assert len([n for n in names if n.startswith(".dcpx-manifest-")]) == 2, names
+
+
+def test_ranks_refuse_a_cached_plan_of_an_earlier_save(world2: tuple[Run, Path]) -> None:
+    run, root = world2
+    run.check("plan_caching")
+    names = os.listdir(root / "plan_caching" / "second")
+    assert not [n for n in names if n.endswith(".distcp")], names
 
 
 @pytest.fixture
