@@ -387,7 +387,21 @@ def test_stock_item_with_garbled_bytes(stock: Path, watchdog: dict[str, bool], w
         dcpx.load(_dest(), stock)
         assert not watchdog["fired"]
         return
-    expect_refusal(stock, watchdog, dcpx.CheckpointFormatError, "model.w", "not a valid torch.save tensor")
+    needle = "damaged torch.save archive" if where == "end" else "not a valid torch.save tensor"
+    expect_refusal(stock, watchdog, dcpx.CheckpointFormatError, "model.w", needle)
+
+
+@pytest.mark.parametrize("fqn", ["model.w", "extra.note"])
+def test_stock_item_zip_that_python_cannot_read(stock: Path, watchdog: dict[str, bool], fqn: str) -> None:
+    """A member needing a newer zip version: Python's zipfile raises NotImplementedError,
+    which must become a dcpx error naming the item (torch's own reader might still inflate it)."""
+    info = _items(stock)[fqn]
+    with open(stock / info.relative_path, "r+b") as f:
+        f.seek(info.offset)
+        item = f.read(info.length)
+        f.seek(info.offset + item.index(b"PK\x01\x02") + 6)  # "version needed to extract"
+        f.write(b"\xff")
+    expect_refusal(stock, watchdog, dcpx.CheckpointFormatError, fqn, "damaged torch.save archive")
 
 
 # -- frames ---------------------------------------------------------------------------------------------------

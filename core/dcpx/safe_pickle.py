@@ -17,7 +17,7 @@ from typing import IO, Any, Callable, Iterable
 
 import torch
 
-from .errors import UnsafeCheckpointError
+from .errors import CheckpointFormatError, UnsafeCheckpointError
 from .gc_pause import gc_paused
 
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
@@ -248,13 +248,18 @@ def check_stored_archive(stream: IO[bytes], where: str) -> None:
     """Refuse a ``torch.save`` zip archive whose members are compressed.  ``torch.save``
     stores them as they are, but ``torch.load`` inflates a DEFLATE member whole before any
     check: a 1 MB item could claim a gigabyte.  Stored members hold no more than the item.
-    Anything that is not a zip archive is left to ``torch.load`` to judge."""
+    A zip archive this check cannot read is refused too (torch's own zip reader might read
+    it, and inflate it); anything else is left to ``torch.load`` to judge."""
     start = stream.tell()
+    is_zip = stream.read(4) == b"PK\x03\x04"
+    stream.seek(start)
     try:
         with zipfile.ZipFile(stream) as archive:
             packed = next((i for i in archive.infolist()
                            if i.compress_type != zipfile.ZIP_STORED or i.file_size != i.compress_size), None)
-    except (zipfile.BadZipFile, ValueError, OSError):
+    except Exception as exc:  # zipfile raises many types on damaged input (NotImplementedError too)
+        if is_zip:
+            raise CheckpointFormatError(f"{where}: damaged torch.save archive ({type(exc).__name__}: {exc})") from exc
         packed = None
     finally:
         stream.seek(start)
