@@ -163,3 +163,21 @@ def test_sharded_and_keyed_manifest_fields_pass(tmp_path: Path) -> None:
     ], {"files": {"__0_0.distcp": 137}, "hmac_key": {"transform": "stream.encrypt@dcpx", "key_id": "default"}})
     loaded = manifest.loads(manifest.dumps(body, b"k" * 32), "m.json")
     assert loaded["items"][1]["fqn"] == "w" and loaded["hmac_key"]["key_id"] == "default"
+
+
+@pytest.mark.parametrize("padding, needle", [
+    (b" " * (2 << 20), "manifest of 3 stored items.*more than the limit"),  # larger than 3 items take
+    (b"{}," * 20_000, "far more than 3 stored items need"),  # 60 KB: a dict apiece once parsed
+], ids=["bytes", "objects"])
+def test_manifest_out_of_proportion_to_the_metadata_is_refused(ckpt: Path, padding: bytes, needle: str) -> None:
+    """json.loads builds every object before any check: a padded manifest must be refused
+    before parsing (``{},`` is 3 bytes on disk, some 80 as a dict: a 1 GiB file, 27 GiB)."""
+    name = _manifest_file(ckpt)
+    body = name.read_bytes().rstrip()
+    assert body.endswith(b"}")
+    name.write_bytes(body[:-1] + b', "pad": [' + padding + b"0]}")
+    json.loads(name.read_bytes())  # still valid JSON
+    for read in (lambda: dcpx.FileSystemReader(ckpt).read_metadata(), lambda: describe(str(ckpt)),
+                 lambda: dcpx.verify.verify_checkpoint(str(ckpt))):
+        with pytest.raises(dcpx.CheckpointFormatError, match=needle):
+            read()

@@ -59,12 +59,13 @@ def load_manifest(directory: str, metadata: Metadata, metadata_bytes: bytes) -> 
     if not isinstance(save_id, str) or len(save_id) != 32 or not all(c in "0123456789abcdef" for c in save_id):
         return None
     path = manifest.path_in(directory, save_id)
+    items = len(metadata.storage_data or {})
     try:
-        data = read_regular_file(path, manifest.MAX_MANIFEST_BYTES, path)
+        data = read_regular_file(path, manifest.size_limit(items), f"{path} (manifest of {items} stored items)")
     except FileNotFoundError:
         return None
     with unforeseen_failures(path):
-        body = manifest.loads(data, path)
+        body = manifest.loads(data, path, items)
         manifest.verify(body, metadata_bytes, path)
     return body
 

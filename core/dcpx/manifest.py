@@ -27,6 +27,17 @@ VERSION = 1
 PREFIX = ".dcpx-manifest-"
 MAX_MANIFEST_BYTES = 1 << 30
 MAX_SIZE = 1 << 63  # offsets, lengths and sizes are int64 in torch and in the file formats
+# json.loads builds every object before anything is checked, and ``{},`` costs 3 bytes on
+# disk but some 80 as a dict.  A manifest takes a few hundred bytes and four JSON containers
+# per stored item; these bounds, far above that, keep parsing to memory in proportion to
+# the checkpoint its metadata describes.
+_BYTES_PER_ITEM, _BASE_BYTES = 64 << 10, 1 << 20
+_CONTAINERS_PER_ITEM, _BASE_CONTAINERS = 16, 1024
+
+
+def size_limit(items: int) -> int:
+    """The largest manifest accepted for a checkpoint of ``items`` stored items."""
+    return min(MAX_MANIFEST_BYTES, _BASE_BYTES + _BYTES_PER_ITEM * items)
 
 
 def manifest_name(checkpoint_id: str) -> str:
@@ -78,10 +89,20 @@ def dumps(manifest: dict[str, Any], hmac_key: bytes | None = None) -> bytes:
     return f'{head}, "items": [\n{rows}\n]}}\n'.encode()
 
 
-def loads(data: bytes, where: str) -> dict[str, Any]:
-    """Parse a manifest and check its structure, or raise ``CheckpointFormatError`` naming ``where``."""
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise CheckpointFormatError(f"{where}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
+def loads(data: bytes, where: str, items: int | None = None) -> dict[str, Any]:
+    """Parse a manifest and check its structure, or raise ``CheckpointFormatError`` naming
+    ``where``.  With ``items``, the number of stored items the checkpoint's metadata lists,
+    a manifest too large or with too many JSON objects for them is refused before parsing."""
+    limit = MAX_MANIFEST_BYTES if items is None else size_limit(items)
+    if len(data) > limit:
+        raise CheckpointFormatError(f"{where}: manifest of {len(data)} bytes is larger than {limit} bytes"
+                                    + ("" if items is None else f", the most for {items} stored items"))
+    if items is not None:
+        containers = data.count(b"{") + data.count(b"[")
+        if containers > _BASE_CONTAINERS + _CONTAINERS_PER_ITEM * items:
+            raise CheckpointFormatError(
+                f"{where}: manifest holds {containers} JSON objects and arrays, far more than {items} stored items need"
+            )
     try:
         with gc_paused():
             manifest = json.loads(data)
