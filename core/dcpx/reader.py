@@ -34,7 +34,7 @@ from .pipeline import default_workers
 from .plugins import as_transform, host
 from .read_job import ReadJob
 from .safe_pickle import load_weights_only
-from .transform import TorchStreamTransform, Transform, descriptor_name, transform_name
+from .transform import TorchStreamTransform, Transform, descriptor_name, holds_keys, transform_name
 
 
 READS_PER_CORE = 2
@@ -186,7 +186,7 @@ class FileSystemReader(StorageReader):
                     f"while this reader holds keys for {holders}: the key claim was forged or damaged"
                 )
             return None
-        holds = True if name in keyed else _holds_keys(transform)
+        holds = True if name in keyed else holds_keys(transform)
         if holds is False:
             return None  # no key here: the items themselves cannot be decrypted either
         try:
@@ -210,7 +210,7 @@ class FileSystemReader(StorageReader):
                 continue
             if reg.name not in names and callable(getattr(reg.cls, "manifest_key_for", None)):
                 default = _keyed_default(reg.name)
-                if default is not None and _holds_keys(default):
+                if default is not None and holds_keys(default):
                     names.add(reg.name)
         return sorted(names)
 
@@ -326,13 +326,6 @@ def _keyed_default(name: str) -> Transform | None:
     except DcpxError:
         return None
     return transform if callable(getattr(transform, "manifest_key_for", None)) else None
-
-
-def _holds_keys(transform: Transform) -> bool | None:
-    """Whether a keyed transform has any key, asked through its optional ``has_keys()``;
-    None for a transform without that method (it cannot say)."""
-    probe = getattr(transform, "has_keys", None)
-    return bool(probe()) if callable(probe) else None
 
 
 def _run(job: ReadJob, target: torch.Tensor | None, buffered: threading.BoundedSemaphore) -> Any:

@@ -280,6 +280,13 @@ def read_bounded(stream: IO[bytes], limit: int) -> bytes:
     return b"".join(parts)
 
 
+def holds_keys(transform: Transform) -> bool | None:
+    """Whether a keyed transform has any key, asked through its optional ``has_keys()``;
+    None for a transform without that method (it cannot say)."""
+    probe = getattr(transform, "has_keys", None)
+    return bool(probe()) if callable(probe) else None
+
+
 def transform_name(transform: Transform) -> str:
     """The registry name of a transform instance, without evaluating its parameters."""
     if isinstance(transform, TorchStreamTransform):

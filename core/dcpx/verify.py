@@ -1,11 +1,12 @@
 """Checking every item of a checkpoint without a model or a process group.
 
 Each framed item is decoded from the outside in, down to and including its outermost
-integrity layer (a checksum, or authenticated encryption if keys are given), chunk by chunk
+integrity layer (a checksum, or authenticated encryption when a key is at hand), chunk by chunk
 on a thread pool, and the item records the manifest keeps for the decoded layers (a
 checksum's item digest) are checked against the chunks' records; an item stored as it is
 gets its bytes checked against the CRC-32C the manifest records.  Nothing is loaded into
-tensors.  Items with neither are "missing".
+tensors.  Items with neither, or whose outermost check needs a key the reader lacks, are
+"missing".
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .checkpoint_files import load_manifest, load_metadata
 from .data_files import DataFiles
 from .read_job import ReadJob
 from .reader import FileSystemReader
-from .transform import ChunkInfo
+from .transform import ChunkInfo, holds_keys
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,8 @@ def _check_job(job: ReadJob, base: dict[str, Any]) -> ItemCheck:
     if not outer:
         return ItemCheck(status="missing", detail="no integrity transform", **base)
     depth = max(outer)  # innermost-first index of the outermost integrity layer
+    if holds_keys(chain.transforms[depth]) is False:
+        return ItemCheck(status="missing", detail=f"{chain.descriptors[depth]}: no key to check it with", **base)
     item = job.item_info()
     digests = ItemDigests(chain, item, index_.count, job.records, stop=depth)
     for k, stored_at in enumerate(index_.stored_offsets()):

@@ -122,6 +122,32 @@ def test_data_file_swapped_between_checkpoints(tmp_path: Path) -> None:
         dcpx.load(empty_like(sd), tmp_path / "a", transforms=[dcpx.transform("encrypt", keys={"k1": K1})])
 
 
+def test_verify_authenticates_items_with_the_readers_keys(tmp_path: Path) -> None:
+    """Without a checksum the GCM tags are the items' integrity check: ``dcpx verify``
+    decrypts with the reader's keys, and without a key reports the items as unchecked."""
+    from dcpx.checkpoint_files import load_manifest, load_metadata
+    from dcpx.verify import verify_checkpoint
+
+    sd = state_dict()
+    path = tmp_path / "ck"
+    save(path, sd, keys={"k1": K1})
+    keys = [encrypt(keys={"k1": K1})]
+    assert {c.status for c in verify_checkpoint(str(path), transforms=keys)} == {"ok"}
+    unchecked = verify_checkpoint(str(path))
+    assert {c.status for c in unchecked} == {"missing"} and all("no key" in c.detail for c in unchecked)
+
+    metadata, data = load_metadata(str(path))
+    (item,) = [i for i in load_manifest(str(path), metadata, data)["items"] if i["fqn"] == "layer.weight"]
+    with open(path / item["file"], "r+b") as f:  # one bit of ciphertext in the middle of the item
+        f.seek(item["offset"] + item["length"] // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x10]))
+    checks = verify_checkpoint(str(path), transforms=keys)
+    assert [c.fqn for c in checks if c.status == "failed"] == ["layer.weight"]
+    assert {c.status for c in checks if c.fqn != "layer.weight"} == {"ok"}
+
+
 # -- a committed checkpoint (encrypt only, 4 KiB segments, the published golden test key) ----
 def golden_state_dict() -> dict[str, object]:
     return {

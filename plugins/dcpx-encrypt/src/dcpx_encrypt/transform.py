@@ -37,6 +37,7 @@ class EncryptTransform(dcpx.Transform):
 
     name = "stream.encrypt@dcpx"
     version = 1
+    verifies_integrity = True  # every segment's GCM tag is checked: ``dcpx verify`` decrypts with the reader's keys
 
     def __init__(
         self,
