@@ -273,6 +273,15 @@ def test_config_errors(tmp_path: Path) -> None:
         dcpx.FileSystemWriter(tmp_path, transforms=["no-such-transform"])
 
 
+@pytest.mark.parametrize("transforms", [None, ["zstd"]])
+def test_sparse_tensor_is_refused_by_name(tmp_path: Path, transforms: list[str] | None) -> None:
+    """DCP stores dense elements; a sparse tensor used to fail deep in torch's .contiguous()."""
+    with pytest.raises(dcpx.ConfigError, match=r"^adj: a torch.sparse_coo tensor .*to_dense"):
+        dcpx.save({"adj": torch.eye(4).to_sparse(), "w": torch.ones(3)}, tmp_path / "ck", transforms=transforms)
+    assert not (tmp_path / "ck" / ".metadata").exists()
+    assert not list((tmp_path / "ck").glob("*.distcp"))
+
+
 def test_empty_and_non_tensor_only_state_dicts(tmp_path: Path) -> None:
     dcpx.save({}, tmp_path / "empty")
     dcpx.load({}, tmp_path / "empty")

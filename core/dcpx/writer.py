@@ -254,7 +254,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
     def _write_file(self, name: str, items: list[WriteItem], planner: SavePlanner, checkpoint_id: str) -> list[WriteResult]:
         path = os.path.join(self.path, name)
         if self.safetensors and items[0].type != WriteItemType.BYTE_IO:
-            tensors = [(item, _cpu_tensor(planner.resolve_data(item))) for item in items]
+            tensors = [(item, _cpu_tensor(planner.resolve_data(item), item.index.fqn)) for item in items]
             placed = write_safetensors_file(path, tensors, self.sync_files)
             return [item_result(item, name, off, length, [RAW_DESCRIPTOR], length, {digest.RECORD: crc})
                     for item, off, length, crc in placed]
@@ -290,7 +290,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
             buffer = data.getbuffer() if isinstance(data, io.BytesIO) else memoryview(bytes(data))
             raw, keep, info = memoryview(buffer).cast("B"), buffer, ItemInfo(item.index.fqn, buffer.nbytes, checkpoint_id=checkpoint_id)
         else:
-            keep = tensor = _cpu_tensor(data, minimal_storage=self.compat)
+            keep = tensor = _cpu_tensor(data, item.index.fqn, minimal_storage=self.compat)
             raw = tensor_bytes(tensor)
             info = ItemInfo(
                 item.index.fqn, raw.nbytes, tensor.dtype, tuple(tensor.shape),
@@ -399,9 +399,12 @@ def _item_nbytes(item: WriteItem) -> int:
     return n * torch.empty((), dtype=td.properties.dtype).element_size()
 
 
-def _cpu_tensor(data: Any, minimal_storage: bool = False) -> torch.Tensor:
+def _cpu_tensor(data: Any, fqn: str, minimal_storage: bool = False) -> torch.Tensor:
     """A contiguous CPU tensor with the data's values.  Raw writes need only contiguity;
     ``torch.save`` (compat mode) writes the whole storage, so it gets a minimal one."""
+    if data.layout != torch.strided:  # DCP stores a tensor as its dense elements (stock torch fails too)
+        raise ConfigError(f"{fqn}: a {data.layout} tensor cannot be saved as a DCP item; store tensor.to_dense(), "
+                          "or its indices and values as separate tensors")
     tensor = data.detach().resolve_conj().resolve_neg()
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
