@@ -703,12 +703,17 @@ def test_missing_metadata(ckpt: Path, watchdog: dict[str, bool]) -> None:
     load_fails(ckpt, watchdog)
 
 
-@pytest.mark.parametrize("data", [b"{not json", b"[" * 100_000 + b"]" * 100_000, b'{"format": ' + b"9" * 5000 + b"}"],
-                         ids=["garbage", "deeply-nested", "huge-number"])
-def test_garbage_manifest(ckpt: Path, watchdog: dict[str, bool], data: bytes) -> None:
+@pytest.mark.parametrize("data, needle", [
+    (b"{not json", "manifest is not valid JSON"),
+    # deeper than json's recursion limit, yet few enough arrays for the checkpoint's 3 items
+    (b"[" * 1060 + b"]" * 1060, "manifest is not valid JSON"),
+    (b"[" * 100_000 + b"]" * 100_000, "manifest holds 100000 JSON objects and arrays"),
+    (b'{"format": ' + b"9" * 5000 + b"}", "manifest is not valid JSON"),
+], ids=["garbage", "deeply-nested", "too-many-arrays", "huge-number"])
+def test_garbage_manifest(ckpt: Path, watchdog: dict[str, bool], data: bytes, needle: str) -> None:
     (manifest,) = glob.glob(str(ckpt / ".dcpx-manifest-*.json"))
     Path(manifest).write_bytes(data)
-    expect_metadata_refusal(ckpt, dcpx.CheckpointFormatError, f"{manifest}: manifest is not valid JSON")
+    expect_metadata_refusal(ckpt, dcpx.CheckpointFormatError, f"{manifest}: {needle}")
     load_fails(ckpt, watchdog)
 
 
