@@ -216,7 +216,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
                     f"(checkpoint id {data.checkpoint_id}), as DefaultSavePlanner(enable_plan_caching=True) does "
                     "when a rank's plan has not changed; writing it would reuse that checkpoint's id and "
                     "files. Save without plan caching when several ranks save together (it works for a "
-                    "single process and with use_collectives=False); nothing was written"
+                    "single process and with use_collectives=False). This rank wrote nothing; the save is not committed"
                 )
             data = dataclasses.replace(fresh, prefix=data.prefix)
         _WRITTEN_IDS.add(data.checkpoint_id)
