@@ -208,7 +208,10 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         or ``use_collectives=False``) it writes this save's own data instead; ranks of a
         collective save cannot agree on a new id without the plan, so they refuse."""
         fresh = self._fresh
-        stale = data.checkpoint_id in _WRITTEN_IDS or (fresh is not None and data.checkpoint_id != fresh.checkpoint_id)
+        if fresh is not None:  # this writer planned the save
+            stale = data.checkpoint_id != fresh.checkpoint_id
+        else:  # another rank planned it: a plan naming an id already written is a cached one
+            stale = data.checkpoint_id in _WRITTEN_IDS
         if stale:
             if fresh is None or not self._planned_alone:
                 raise ConfigError(
