@@ -153,3 +153,77 @@ def test_forged_tensor_size_is_refused_when_assembling(tmp_path: Path) -> None:
     with pytest.raises(dcpx.CheckpointFormatError, match=r"item 'w': cannot allocate its recorded size"):
         convert(tmp_path / "sharded", tmp_path / "whole.pt")
     assert not (tmp_path / "whole.pt").exists()
+
+
+# -- hostile or unusual single-file sources ---------------------------------------------
+
+
+def test_compressed_torch_file_is_refused(tmp_path: Path) -> None:
+    """torch.save never compresses: a memory-mapped load would read the compressed bytes as
+    tensor data (and the check, reading the source the same way, agreed), a plain one would
+    inflate a member whatever size it claims."""
+    import zipfile
+
+    torch.save({"w": torch.arange(6.0).reshape(2, 3)}, tmp_path / "plain.pt")
+    with zipfile.ZipFile(tmp_path / "plain.pt") as src, zipfile.ZipFile(tmp_path / "packed.pt", "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename), compress_type=zipfile.ZIP_DEFLATED)
+    for out in ("out", "out.pt", "out.safetensors"):
+        with pytest.raises(dcpx.UnsafeCheckpointError, match=r"packed\.pt: torch.save archive member .* is compressed"):
+            convert(tmp_path / "packed.pt", tmp_path / out)
+        assert not (tmp_path / out).exists()
+
+
+@pytest.mark.parametrize("name", ["x.pt", "x.safetensors"])
+def test_a_fifo_source_is_refused_at_once(tmp_path: Path, name: str) -> None:
+    os.mkfifo(tmp_path / name)
+    with pytest.raises(dcpx.UnsafeCheckpointError, match="not a regular file"):
+        convert(tmp_path / name, tmp_path / "out")  # opening it for torch.load would wait for a writer
+
+
+def test_integer_dict_keys_are_refused(tmp_path: Path) -> None:
+    """An optimizer's state is keyed by parameter index; DCP keys are strings, so a converted
+    copy would hold '0' and '1' and attach no state to any parameter."""
+    model = torch.nn.Linear(3, 2)
+    optim = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optim.step()
+    torch.save({"model": model.state_dict(), "optim": optim.state_dict()}, tmp_path / "ckpt.pt")
+    with pytest.raises(dcpx.CheckpointFormatError, match=r"dict key 0 at optim\.state is a int"):
+        convert(tmp_path / "ckpt.pt", tmp_path / "out.pt")
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_float4_safetensors_source(tmp_path: Path) -> None:
+    """safetensors counts 4-bit values (its shape's last dimension is twice torch's)."""
+    from safetensors.torch import save_file
+
+    packed = torch.tensor([0x12, 0x34, 0x56, 0x78], dtype=torch.uint8).view(torch.float4_e2m1fn_x2).reshape(2, 2)
+    save_file({"a": packed}, str(tmp_path / "f4.safetensors"))
+    for out in ("out", "out.pt", "out2.safetensors"):
+        assert convert(tmp_path / "f4.safetensors", tmp_path / out).verified
+    got = torch.load(tmp_path / "out.pt", weights_only=True)["a"]
+    assert got.dtype == torch.float4_e2m1fn_x2 and got.shape == (2, 2)
+    assert torch.equal(got.view(torch.uint8), packed.view(torch.uint8))
+
+
+def test_a_failed_check_leaves_no_destination(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dcpx.convert as convert_module
+
+    torch.save({"w": torch.ones(4)}, tmp_path / "src.pt")
+
+    def mismatch(*args: Any, **kwargs: Any) -> None:
+        raise ConvertVerificationError("values differ (injected)")
+
+    monkeypatch.setattr(convert_module, "compare", mismatch)
+    for out in ("out", "out.pt", "out.safetensors"):
+        with pytest.raises(ConvertVerificationError, match="injected"):
+            convert(tmp_path / "src.pt", tmp_path / out)
+        assert not (tmp_path / out).exists(), out
+
+
+def test_a_dtype_safetensors_cannot_hold_is_named(tmp_path: Path) -> None:
+    torch.save({"c": torch.ones(2, dtype=torch.complex128), "w": torch.ones(2)}, tmp_path / "src.pt")
+    with pytest.raises(dcpx.ConfigError, match=r"out\.safetensors: item 'c' is torch\.complex128, which safetensors"):
+        convert(tmp_path / "src.pt", tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()

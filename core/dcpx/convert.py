@@ -35,6 +35,7 @@ from . import commit
 from .convert_check import ConvertVerificationError, Progress, compare
 from .errors import CheckpointFormatError, ConfigError, DcpxError
 from .pipeline import DEFAULT_CHUNK_SIZE
+from .safetensors_io import _DTYPES as SAFETENSORS_DTYPES
 from .tensor_bytes import region
 from .transform import Transform
 from .writer import FileSystemWriter
@@ -94,6 +95,7 @@ def convert(
     source = open_source(src, reader_transforms, workers)
     report = ConvertReport(src, dst, source.format, dst_format, len(source.items),
                            sum(source.raw_size(i) for i in source.items), 0, False, 0.0)
+    existed = os.path.exists(dst)
     if dst_format == "dcp":
         writer = FileSystemWriter(dst, transforms=transforms, compat=compat, chunk_size=chunk_size,
                                   workers=workers, overwrite=overwrite)
@@ -101,15 +103,27 @@ def convert(
     else:
         _write_single_file(source, dst, dst_format, group_bytes, progress, report.raw_bytes)
     try:
-        written = open_source(dst, _reader_config(reader_transforms, transforms), workers)
-    except DcpxError as exc:
-        raise ConvertVerificationError(f"{dst}: written, but cannot be opened again: {exc}") from exc
-    report.stored_bytes = _stored_bytes(dst, dst_format, written)
-    if verify:
-        compare(source, written, group_bytes // 2 or 1, progress, report.raw_bytes)
-        report.verified = True
+        try:
+            written = open_source(dst, _reader_config(reader_transforms, transforms), workers)
+        except DcpxError as exc:
+            raise ConvertVerificationError(f"{dst}: written, but cannot be opened again: {exc}") from exc
+        report.stored_bytes = _stored_bytes(dst, dst_format, written)
+        if verify:
+            compare(source, written, group_bytes // 2 or 1, progress, report.raw_bytes)
+            report.verified = True
+    except BaseException:
+        if not existed:  # what does not read back equal is not kept (a replaced DST is gone already)
+            shutil.rmtree(dst, ignore_errors=True) if os.path.isdir(dst) else _unlink(dst)
+        raise
     report.seconds = time.monotonic() - started
     return report
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def destination_format(path: str) -> str:
@@ -236,6 +250,10 @@ def _write_single_file(source: _Source, dst: str, fmt: str, group_bytes: int, pr
         if fmt == "pt":
             torch.save(_nest(flat, source.metadata.planner_data), tmp)
         else:
+            for fqn, tensor in flat.items():
+                if tensor.dtype not in SAFETENSORS_DTYPES:
+                    raise ConfigError(f"{dst}: item {fqn!r} is {tensor.dtype}, which safetensors has no code for; "
+                                      "convert to a DCP directory or a .pt file instead")
             _safetensors().torch.save_file(_unshared(flat), tmp, metadata={"format": "pt"})
         os.replace(tmp, dst)
     finally:

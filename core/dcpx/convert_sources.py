@@ -35,8 +35,9 @@ from torch.distributed.checkpoint.planner import (
 
 from .errors import CheckpointFormatError, ConfigError, DcpxError, UnsafeCheckpointError
 from .reader import FileSystemReader
-from .safe_pickle import load_weights_only, weights_only_reason
-from .safetensors_io import _DTYPES as _SAFETENSORS_DTYPES
+from .checkpoint_files import open_regular
+from .safe_pickle import check_stored_archive, load_weights_only, weights_only_reason
+from .safetensors_io import _DTYPES as _SAFETENSORS_DTYPES, torch_shape
 from .tensor_bytes import nbytes_of
 
 PT_SUFFIXES = (".pt", ".pth")
@@ -95,6 +96,8 @@ def open_source(path: str, reader_transforms: Sequence[Any] | None = None, worke
         return DcpSource(path, reader_transforms, workers)
     if not os.path.exists(path):
         raise CheckpointFormatError(f"{path}: no such file or directory")
+    fd, _ = open_regular(path, path)  # a FIFO or a device must not hang or flood the conversion
+    os.close(fd)
     if path.lower().endswith(SAFETENSORS_SUFFIX):
         return SafetensorsSource(path)
     if path.lower().endswith(PT_SUFFIXES):
@@ -209,6 +212,7 @@ class TorchSaveSource(_Source):
         obj = load_torch_file(path)
         if not isinstance(obj, Mapping):
             raise CheckpointFormatError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+        _check_string_keys(obj, path)
         try:
             flat, mappings = flatten_state_dict(dict(obj))
         except ValueError as exc:  # e.g. {"a.b": x, "a": {"b": y}} flatten to the same key
@@ -231,8 +235,33 @@ class TorchSaveSource(_Source):
         return out
 
 
+def _check_string_keys(obj: Mapping[Any, Any], path: str) -> None:
+    """DCP keys are strings: flattening would turn an optimizer state's parameter ids (ints)
+    into '0', '1', ..., which no longer match the optimizer's parameters.  Refuse instead."""
+    stack: list[tuple[Any, tuple[str, ...]]] = [(obj, ())]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    at = ".".join(where) or "the top level"
+                    raise CheckpointFormatError(
+                        f"{path}: dict key {key!r} at {at} is a {type(key).__name__}; DCP keys are strings, so it "
+                        f"would come back as {str(key)!r} (an optimizer's per-parameter state would no longer "
+                        "match its parameters). Convert a file whose dict keys are all strings"
+                    )
+                stack.append((item, where + (key,)))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((item, where + (str(i),)) for i, item in enumerate(value))
+
+
 def load_torch_file(path: str) -> Any:
-    """``torch.load(weights_only=True)``, memory-mapped when the file allows; errors name the path."""
+    """``torch.load(weights_only=True)``, memory-mapped when the file allows; errors name the path.
+    An archive with compressed members is refused first: ``torch.save`` never compresses, a
+    memory-mapped load would take the compressed bytes for tensor data, and a plain one would
+    inflate a member whole whatever size it claims."""
+    with open(path, "rb") as f:
+        check_stored_archive(f, path)
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -266,7 +295,10 @@ class SafetensorsSource(_Source):
                 code = piece.get_dtype()
                 if code not in dtypes:
                     raise CheckpointFormatError(f"{path}: tensor {key!r} has unsupported dtype {code}")
-                entries[key] = (dtypes[code], tuple(int(s) for s in piece.get_shape()))
+                shape = torch_shape(dtypes[code], [int(s) for s in piece.get_shape()])
+                if any(s < 0 for s in shape):
+                    raise CheckpointFormatError(f"{path}: tensor {key!r} has an odd number of 4-bit {code} values")
+                entries[key] = (dtypes[code], shape)
         except DcpxError:
             raise
         except Exception as exc:

@@ -88,6 +88,15 @@ def _shape(tensor: torch.Tensor) -> list[int]:
     return shape
 
 
+def torch_shape(dtype: torch.dtype, shape: list[int]) -> tuple[int, ...]:
+    """The torch shape of a tensor safetensors records with ``shape``: ``_shape`` undone.
+    A packed pair whose recorded last dimension is odd cannot be one; the caller refuses it."""
+    out = list(shape)
+    if dtype in _PACKED_PAIRS and out:
+        out[-1] = out[-1] // 2 if out[-1] % 2 == 0 else -1
+    return tuple(out)
+
+
 def starts_safetensors_file(head: bytes) -> bool:
     """Whether ``head`` begins a safetensors file (an 8-byte little-endian header length,
     then the JSON header's ``{``): what stock torch 2.13's ``SerializationFormat.SAFETENSORS``
