@@ -113,17 +113,18 @@ def convert(
             report.verified = True
     except BaseException:
         if not existed:  # what does not read back equal is not kept (a replaced DST is gone already)
-            shutil.rmtree(dst, ignore_errors=True) if os.path.isdir(dst) else _unlink(dst)
+            _remove(dst)
         raise
     report.seconds = time.monotonic() - started
     return report
 
 
-def _unlink(path: str) -> None:
-    try:
+def _remove(path: str) -> None:
+    """Remove a destination this conversion wrote: a DCP directory or a single file."""
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.exists(path):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def destination_format(path: str) -> str:

@@ -8,7 +8,6 @@ import os
 import pickle
 import threading
 import uuid
-from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -25,6 +24,7 @@ from .framing import RAW_DESCRIPTOR
 from .gc_pause import gc_paused
 from .checkpoint_files import metadata_files
 from .item_writer import ItemState, ItemStorageInfo, WholeItem, item_result, torch_save_bytes
+from .plan_data import PlanData, SavePlanning
 from .pipeline import DEFAULT_CHUNK_SIZE, BoundChain, OrderedWindow, codec_pool, default_workers, encode_chunk, iter_chunks
 from .rules import TransformSpec, resolve_transforms
 from .safetensors_io import write_safetensors_file
@@ -33,18 +33,7 @@ from .tensor_bytes import tensor_bytes
 from .transform import ChunkInfo, ItemInfo
 
 DCP_VERSION = "1.0.0"
-# checkpoint ids this process has written data for: a plan naming one again is a cached plan
-_WRITTEN_IDS: set[str] = set()
 SUFFIX = ".distcp"
-
-
-@dataclass(frozen=True)
-class _PlanData:
-    """What the coordinator tells every rank: file prefix, shared checkpoint id, name tag."""
-
-    prefix: str
-    checkpoint_id: str
-    tag: str | None
 
 
 class FileSystemWriter(StorageWriter, BlockingAsyncStager):
@@ -108,10 +97,9 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         self.rank: int | None = None
         self.is_coordinator = True
         self.use_collectives = True
-        self._plan: _PlanData | None = None
+        self._plan: PlanData | None = None
         self._scope: SaveScope | None = None  # set while a save holds the directory
-        self._fresh: _PlanData | None = None  # the plan data this writer made for the current save
-        self._planned_alone = False  # ... and whether it is the save's only rank
+        self._planning = SavePlanning()
         self.save_id = uuid.uuid4().hex  # a new one for every save (see _new_plan_data)
 
     # -- StorageWriter protocol -------------------------------------------------------
@@ -122,7 +110,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         self._plan = None
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
-        self._fresh = None  # this save's plan data, once this writer plans it
+        self._planning.begin()
         self.is_coordinator = is_coordinator
         self.rank = kwargs.get("rank")
         self.use_collectives = kwargs.get("use_collectives", True)
@@ -157,11 +145,11 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         try:
-            data = self._plan_data(plan.storage_data)
+            data = self._planning.resolve(plan.storage_data, f"{self.path}: rank {self.rank}")
         except BaseException:
             self._release()
             raise
-        self._plan = data
+        self._plan, self.save_id = data, data.checkpoint_id
         files = self._assign_files(plan.items, data)
         results: list[WriteResult] = []
         errors: list[BaseException] = []
@@ -198,34 +186,6 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
             fut.set_result(results)
         return fut
 
-    def _plan_data(self, data: _PlanData) -> _PlanData:
-        """The file prefix, checkpoint id and name tag this rank writes with.
-
-        DCP's plan caching (``DefaultSavePlanner(enable_plan_caching=True)``) hands a rank
-        whose plan did not change the final plan of an earlier save: its checkpoint id and
-        file names are that save's, and writing them would reuse the id and overwrite the
-        committed files in place.  Where this writer planned the save alone (one process,
-        or ``use_collectives=False``) it writes this save's own data instead; ranks of a
-        collective save cannot agree on a new id without the plan, so they refuse."""
-        fresh = self._fresh
-        if fresh is not None:  # this writer planned the save
-            stale = data.checkpoint_id != fresh.checkpoint_id
-        else:  # another rank planned it: a plan naming an id already written is a cached one
-            stale = data.checkpoint_id in _WRITTEN_IDS
-        if stale:
-            if fresh is None or not self._planned_alone:
-                raise ConfigError(
-                    f"{self.path}: rank {self.rank}: DCP handed this rank the plan of an earlier save "
-                    f"(checkpoint id {data.checkpoint_id}), as DefaultSavePlanner(enable_plan_caching=True) does "
-                    "when a rank's plan has not changed; writing it would reuse that checkpoint's id and "
-                    "files. Save without plan caching when several ranks save together (it works for a "
-                    "single process and with use_collectives=False). This rank wrote nothing; the save is not committed"
-                )
-            data = dataclasses.replace(fresh, prefix=data.prefix)
-        _WRITTEN_IDS.add(data.checkpoint_id)
-        self.save_id = data.checkpoint_id
-        return data
-
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         try:
             if self._scope is not None:
@@ -240,7 +200,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
             self._release()
 
     # -- files -------------------------------------------------------------------------
-    def _assign_files(self, items: list[WriteItem], data: _PlanData) -> list[tuple[str, list[WriteItem]]]:
+    def _assign_files(self, items: list[WriteItem], data: PlanData) -> list[tuple[str, list[WriteItem]]]:
         tag = f".{data.tag}" if data.tag else ""
         names = (f"{data.prefix}{n}{tag}{SUFFIX}" for n in range(1 << 62))
         if self.safetensors:
@@ -357,14 +317,11 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         """The rank whose own checkpoint this is (``use_collectives=False``), else None."""
         return None if self.use_collectives else (self.rank or 0)
 
-    def _new_plan_data(self, prefix: str, alone: bool) -> _PlanData:
-        """A new checkpoint id for this save (a writer may save many times), and a name tag
-        if the directory holds a committed checkpoint (new names must not reuse its files)."""
-        committed = bool(metadata_files(self.path))
-        self.save_id = uuid.uuid4().hex
-        self._fresh = _PlanData(prefix, self.save_id, uuid.uuid4().hex[:12] if committed else None)
-        self._planned_alone = alone
-        return self._fresh
+    def _new_plan_data(self, prefix: str, alone: bool) -> PlanData:
+        """This save's plan data (a writer may save many times; see plan_data.py)."""
+        data = self._planning.draw(prefix, committed=bool(metadata_files(self.path)), alone=alone)
+        self.save_id = data.checkpoint_id
+        return data
 
     def _release(self) -> None:
         if self._scope is not None:
