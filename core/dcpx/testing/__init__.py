@@ -24,7 +24,7 @@ _EXPORTS = {
     "KINDS": "payloads",
     "PATTERNS": "payloads",
 }
-_SUBMODULES = ("conformance", "payloads", "reference")
+_SUBMODULES = ("conformance", "conformance_support", "payloads", "reference")
 
 
 def _register_assert_rewrite() -> None:

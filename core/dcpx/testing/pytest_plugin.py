@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-_KIT_MODULES = ("dcpx.testing.conformance", "dcpx.testing.payloads", "dcpx.testing.reference")
+_KIT_MODULES = ("dcpx.testing.conformance", "dcpx.testing.conformance_support", "dcpx.testing.payloads",
+                "dcpx.testing.reference")
 
 pytest.register_assert_rewrite(*(m for m in _KIT_MODULES if m not in sys.modules))
 
