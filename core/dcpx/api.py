@@ -15,9 +15,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
-from torch.distributed.checkpoint._traverse import set_element
 
 from .errors import DcpxError, StateDictMismatchError
+from .non_tensor import store_entry
 from .safe_pickle import load_weights_only
 from .reader import FileSystemReader
 from .writer import FileSystemWriter
@@ -28,7 +28,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
     Stock DCP's planner unpickles them with ``weights_only=False``; dcpx's reader therefore
     checks each entry with ``weights_only=True`` before handing it to any other planner.
-    With this planner the entry is loaded safely once, with no separate check.
+    This planner loads entries safely whichever storage reader reads them, stock torch's too.
     """
 
     dcpx_weights_only = True  # the reader need not check entries first: this planner loads them safely
@@ -49,11 +49,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             raise
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        obj = load_weights_only(value, read_item.storage_index.fqn)
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = obj
+        store_entry(self, read_item, load_weights_only(value, read_item.storage_index.fqn))
 
 
 def save(

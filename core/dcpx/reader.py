@@ -9,7 +9,6 @@ torch 2.13 writes (torch.save items, with or without torch's zstd extension).
 from __future__ import annotations
 
 import copy
-import io
 import os
 import threading
 import uuid
@@ -30,10 +29,10 @@ from .descriptor import parse
 from .errors import CheckpointFormatError, DcpxError, IntegrityError, PolicyError
 from .framing import MARKERS
 from .metadata_check import check_storage_entry
+from .non_tensor import hand_over
 from .pipeline import default_workers
 from .plugins import as_transform, host
 from .read_job import ReadJob
-from .safe_pickle import load_weights_only
 from .transform import TorchStreamTransform, Transform, descriptor_name, holds_keys, transform_name
 
 
@@ -236,19 +235,20 @@ class FileSystemReader(StorageReader):
             targets = [(job, planner.resolve_tensor(job.req).detach() if job.is_tensor else None) for job in jobs]
             # Raw items go from the file straight into their tensors, and a cold one waits on
             # the disk: two reads per core keep more requests in flight (performance.md).
-            # Every other item holds buffers while it runs: at most one per core at a time.
+            # Every other tensor holds buffers while it runs: at most one per core at a time.
+            # Non-tensor entries are decoded here, in plan order, as the planner takes them:
+            # run ahead on item threads, their decoded bytes piled up while the planner
+            # unpickled earlier ones (12 entries of 256 MiB took 7 GiB).
             buffered = threading.BoundedSemaphore(self.workers)
             item_pool = ThreadPoolExecutor(READS_PER_CORE * self.workers, thread_name_prefix="dcpx-reader")
             try:
-                futures = [item_pool.submit(_run, job, target, buffered) for job, target in targets]
-                for (job, target), fut in zip(targets, futures):
-                    value = fut.result()
-                    if job.is_tensor:
-                        planner.commit_tensor(job.req, value)
+                futures = [item_pool.submit(_run, job, target, buffered) if job.is_tensor else None
+                           for job, target in targets]
+                for job, fut in zip(jobs, futures):
+                    if fut is not None:
+                        planner.commit_tensor(job.req, fut.result())
                         continue
-                    if self.weights_only and not getattr(planner, "dcpx_weights_only", False):
-                        load_weights_only(value, job.where, map_location="cpu")  # refuses before the planner unpickles
-                    planner.load_bytes(job.req, io.BytesIO(value))
+                    hand_over(planner, job.req, job.run(None), job.where, self.weights_only)
             finally:
                 item_pool.shutdown(wait=True, cancel_futures=True)
         finally:
