@@ -107,3 +107,13 @@ def test_rank_local_saves_with_cached_plans(tmp_path: Path) -> None:
         ids.add(writer.save_id)
         assert torch.equal(_loaded(path)["w"], _state(value)["w"])
     assert len(ids) == 2
+
+
+def test_plan_cached_from_a_stock_writer(tmp_path: Path) -> None:
+    """DCP caches plans per planner class, whatever writer they were made for: after a stock
+    save with plan caching, the next dcpx save is handed stock's plan, not one of its own."""
+    dcp.save(_state(1.0), storage_writer=dcp.FileSystemWriter(tmp_path / "stock"),
+             planner=DefaultSavePlanner(enable_plan_caching=True))
+    for value in (2.0, 3.0):
+        _save(tmp_path / "ckpt", value)
+        assert torch.equal(_loaded(tmp_path / "ckpt")["w"], torch.full((1000,), value))

@@ -53,19 +53,27 @@ class SavePlanning:
     def resolve(self, data: PlanData, where: str) -> PlanData:
         """The plan data to write with, given what the plan carries."""
         fresh = self.fresh
-        if fresh is not None:  # this writer planned the save
+        if not isinstance(data, PlanData):  # another writer's plan, cached by DCP for this planner class
+            stale = True
+        elif fresh is not None:  # this writer planned the save
             stale = data.checkpoint_id != fresh.checkpoint_id
         else:  # another rank planned it: a plan naming an id already written is a cached one
             stale = data.checkpoint_id in _WRITTEN_IDS
         if stale:
             if fresh is None or not self.alone:
                 raise ConfigError(
-                    f"{where}: DCP handed this rank the plan of an earlier save (checkpoint id "
-                    f"{data.checkpoint_id}), as DefaultSavePlanner(enable_plan_caching=True) does when a rank's "
+                    f"{where}: DCP handed this rank the plan of an earlier save ({_describe(data)}), "
+                    "as DefaultSavePlanner(enable_plan_caching=True) does when a rank's "
                     "plan has not changed; writing it would reuse that checkpoint's id and files. Save without "
                     "plan caching when several ranks save together (it works for a single process and with "
                     "use_collectives=False). This rank wrote nothing; the save is not committed"
                 )
-            data = dataclasses.replace(fresh, prefix=data.prefix)
+            data = dataclasses.replace(fresh, prefix=getattr(data, "prefix", fresh.prefix))
         _WRITTEN_IDS.add(data.checkpoint_id)
         return data
+
+
+def _describe(data: object) -> str:
+    if isinstance(data, PlanData):
+        return f"checkpoint id {data.checkpoint_id}"
+    return f"planned by another storage writer: {type(data).__name__}"

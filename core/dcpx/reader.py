@@ -33,6 +33,7 @@ from .non_tensor import hand_over
 from .pipeline import default_workers
 from .plugins import as_transform, host
 from .read_job import ReadJob
+from .read_window import ReadWindow
 from .transform import TorchStreamTransform, Transform, descriptor_name, holds_keys, transform_name
 
 
@@ -232,23 +233,21 @@ class FileSystemReader(StorageReader):
         files = DataFiles(self.path)
         try:
             jobs = [self.prepare(req, files) for req in plan.items]
-            targets = [(job, planner.resolve_tensor(job.req).detach() if job.is_tensor else None) for job in jobs]
             # Raw items go from the file straight into their tensors, and a cold one waits on
             # the disk: two reads per core keep more requests in flight (performance.md).
             # Every other tensor holds buffers while it runs: at most one per core at a time.
-            # Non-tensor entries are decoded here, in plan order, as the planner takes them:
-            # run ahead on item threads, their decoded bytes piled up while the planner
-            # unpickled earlier ones (12 entries of 256 MiB took 7 GiB).
             buffered = threading.BoundedSemaphore(self.workers)
-            item_pool = ThreadPoolExecutor(READS_PER_CORE * self.workers, thread_name_prefix="dcpx-reader")
+            threads = READS_PER_CORE * self.workers
+            item_pool = ThreadPoolExecutor(threads, thread_name_prefix="dcpx-reader")
             try:
-                futures = [item_pool.submit(_run, job, target, buffered) if job.is_tensor else None
-                           for job, target in targets]
-                for job, fut in zip(jobs, futures):
-                    if fut is not None:
-                        planner.commit_tensor(job.req, fut.result())
-                        continue
-                    hand_over(planner, job.req, job.run(None), job.where, self.weights_only)
+                window = ReadWindow(
+                    planner, item_pool, 4 * threads,
+                    run=lambda job, target: _run(job, target, buffered),
+                    hand_over=lambda job: hand_over(planner, job.req, job.run(None), job.where, self.weights_only),
+                )
+                for job in jobs:
+                    window.add(job)
+                window.finish()
             finally:
                 item_pool.shutdown(wait=True, cancel_futures=True)
         finally:

@@ -27,15 +27,20 @@ class SaveScope:
         self._interrupted: set[str] = set()  # what the last save here noted before committing
 
     def lock_and_clean(self) -> None:
-        """Take the lock, then remove what interrupted saves left in this scope."""
+        """Take the lock, then remove what interrupted saves left in this scope.  The lock is
+        busy (not to be taken over) only while this runs: a save that fails before it writes
+        (a planner raising between planning and writing) must not keep the path locked."""
         self.lock.busy = True
-        self.lock.acquire()
-        self._interrupted = self.lock.noted()
-        replacing = referenced_files(self.directory, [self.metadata_name])
-        keep = referenced_files(self.directory, self._other_metadata())
-        self._replacing = replacing or set()
-        if keep is not None and replacing is not None:
-            self._remove_unused(keep | replacing)
+        try:
+            self.lock.acquire()
+            self._interrupted = self.lock.noted()
+            replacing = referenced_files(self.directory, [self.metadata_name])
+            keep = referenced_files(self.directory, self._other_metadata())
+            self._replacing = replacing or set()
+            if keep is not None and replacing is not None:
+                self._remove_unused(keep | replacing)
+        finally:
+            self.lock.busy = False
 
     def begin_commit(self, checkpoint_id: str, sync: bool) -> None:
         """Note the files of this rank's own checkpoint that its data-file prefix does not

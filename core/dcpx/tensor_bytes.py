@@ -7,6 +7,7 @@ import sys
 from typing import Sequence
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 if sys.byteorder != "little":  # the on-disk format is little-endian; say so instead of corrupting
     raise ImportError("dcpx supports little-endian machines only")
@@ -31,8 +32,10 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def writable_bytes(tensor: torch.Tensor) -> memoryview | None:
-    """A writable byte view of ``tensor`` if it is a contiguous CPU tensor, else None."""
-    if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.is_conj() or tensor.is_neg():
+    """A writable byte view of ``tensor`` if it is a contiguous CPU tensor, else None (a
+    wrapper subclass's values live in its inner tensors: it is filled through ``copy_``)."""
+    if (tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.is_conj() or tensor.is_neg()
+            or is_traceable_wrapper_subclass(tensor)):
         return None
     return tensor_bytes(tensor)
 

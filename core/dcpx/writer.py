@@ -17,6 +17,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.staging import BlockingAsyncStager
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from . import commit, digest, manifest
 from .errors import CommitError, ConfigError
@@ -145,6 +146,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         try:
+            self._claim_lock()
             data = self._planning.resolve(plan.storage_data, f"{self.path}: rank {self.rank}")
         except BaseException:
             self._release()
@@ -188,16 +190,22 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         try:
-            if self._scope is not None:
-                if self._scope.lock.superseded:
-                    raise CommitError(
-                        f"{self.path}: a newer save to this path from this process took over before this "
-                        "one was committed (its other ranks had not finished); nothing was committed"
-                    )
-                self._scope.lock.busy = True
+            self._claim_lock()
             self._commit(metadata, results)
         finally:
             self._release()
+
+    def _claim_lock(self) -> None:
+        """Mark the lock busy for writing or committing, unless a newer save took it over
+        while this one was planning or waiting for its other ranks (see SaveLock)."""
+        if self._scope is None:
+            return
+        if self._scope.lock.superseded:
+            raise CommitError(
+                f"{self.path}: a newer save to this path from this process took over before this one "
+                "was written and committed (it had stopped between steps); nothing was committed"
+            )
+        self._scope.lock.busy = True
 
     # -- files -------------------------------------------------------------------------
     def _assign_files(self, items: list[WriteItem], data: PlanData) -> list[tuple[str, list[WriteItem]]]:
@@ -217,7 +225,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
     def _write_file(self, name: str, items: list[WriteItem], planner: SavePlanner, checkpoint_id: str) -> list[WriteResult]:
         path = os.path.join(self.path, name)
         if self.safetensors and items[0].type != WriteItemType.BYTE_IO:
-            tensors = [(item, _cpu_tensor(planner.resolve_data(item), item.index.fqn)) for item in items]
+            tensors = [(item, _cpu_tensor(item, planner.resolve_data(item))) for item in items]
             placed = write_safetensors_file(path, tensors, self.sync_files)
             return [item_result(item, name, off, length, [RAW_DESCRIPTOR], length, {digest.RECORD: crc})
                     for item, off, length, crc in placed]
@@ -253,16 +261,16 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
             buffer = data.getbuffer() if isinstance(data, io.BytesIO) else memoryview(bytes(data))
             raw, keep, info = memoryview(buffer).cast("B"), buffer, ItemInfo(item.index.fqn, buffer.nbytes, checkpoint_id=checkpoint_id)
         else:
-            keep = tensor = _cpu_tensor(data, item.index.fqn, minimal_storage=self.compat)
-            raw = tensor_bytes(tensor)
+            keep = tensor = _cpu_tensor(item, data, minimal_storage=self.compat)
+            raw = memoryview(b"") if self.compat else tensor_bytes(tensor)  # compat: torch.save reads the tensor
             info = ItemInfo(
-                item.index.fqn, raw.nbytes, tensor.dtype, tuple(tensor.shape),
+                item.index.fqn, tensor.nbytes, tensor.dtype, tuple(tensor.shape),
                 tuple(item.index.offset) if item.index.offset is not None else None, checkpoint_id,
             )
         state = ItemState(item, name, info, keep, self.chunk_size)
         chain = BoundChain.for_item(self.rules.chain_for(info), info)
         if self.compat:
-            yield (lambda: torch_save_bytes(item, keep, chain), raw.nbytes, state.write_whole)
+            yield (lambda: torch_save_bytes(item, keep, chain), info.nbytes, state.write_whole)
         elif not chain.transforms or (info.is_tensor and raw.nbytes == 0):
             # an empty tensor has no bytes to transform, and DCP never issues a read for it
             descriptors = [RAW_DESCRIPTOR] if item.type != WriteItemType.BYTE_IO else None
@@ -359,9 +367,29 @@ def _item_nbytes(item: WriteItem) -> int:
     return n * torch.empty((), dtype=td.properties.dtype).element_size()
 
 
-def _cpu_tensor(data: Any, fqn: str, minimal_storage: bool = False) -> torch.Tensor:
+def _cpu_tensor(item: WriteItem, data: Any, minimal_storage: bool = False) -> torch.Tensor:
     """A contiguous CPU tensor with the data's values.  Raw writes need only contiguity;
-    ``torch.save`` (compat mode) writes the whole storage, so it gets a minimal one."""
+    ``torch.save`` (compat mode) writes the whole storage, so it gets a minimal one.
+
+    The plan's dtype and chunk shape become the checkpoint's metadata, and a raw item is
+    read back as exactly that: a tensor from ``planner.resolve_data`` that differs would be
+    stored as garbage (same element size) or as a checkpoint no reader can load."""
+    fqn = item.index.fqn
+    if not isinstance(data, torch.Tensor):
+        raise ConfigError(f"{fqn}: the save planner's resolve_data returned a {type(data).__name__} for a tensor item")
+    planned = item.tensor_data
+    if planned is not None and (data.dtype != planned.properties.dtype or tuple(data.shape) != tuple(planned.chunk.sizes)):
+        raise ConfigError(
+            f"{fqn}: the save planner's resolve_data returned a {data.dtype} tensor of shape {tuple(data.shape)}, "
+            f"but the plan records {planned.properties.dtype} of shape {tuple(planned.chunk.sizes)}; a planner that "
+            "converts tensors must record the new dtype in its plan (WriteItem.tensor_data.properties.dtype)"
+        )
+    if is_traceable_wrapper_subclass(data) and not minimal_storage:
+        raise ConfigError(
+            f"{fqn}: a {type(data).__name__} is a wrapper tensor subclass, whose values live in inner tensors, "
+            "and dcpx stores a tensor item as its elements; save with compat=True (torch.save items, as stock "
+            "torch writes them), or save its plain values or inner tensors instead"
+        )
     if data.layout != torch.strided:  # DCP stores a tensor as its dense elements (stock torch fails too)
         raise ConfigError(f"{fqn}: a {data.layout} tensor cannot be saved as a DCP item; store tensor.to_dense(), "
                           "or its indices and values as separate tensors")
@@ -370,7 +398,7 @@ def _cpu_tensor(data: Any, fqn: str, minimal_storage: bool = False) -> torch.Ten
         tensor = tensor.cpu()
     if not tensor.is_contiguous():
         tensor = tensor.contiguous()
-    if minimal_storage and tensor.untyped_storage().nbytes() != tensor.nbytes:
+    if minimal_storage and not is_traceable_wrapper_subclass(tensor) and tensor.untyped_storage().nbytes() != tensor.nbytes:
         tensor = tensor.clone()
     return tensor
 

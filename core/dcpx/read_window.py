@@ -1,0 +1,89 @@
+"""The order in which a load asks the planner for tensors and gives them back.
+
+Stock torch's reader calls ``resolve_tensor``, fills the tensor and calls ``commit_tensor``,
+one item at a time.  dcpx fills several tensors at once on item threads, and keeps to what a
+planner may rely on:
+
+- items are resolved and committed in plan order, resolved at most ``depth`` items ahead of
+  the last commit, so a planner that gives each item new memory (staging copies for GPU or
+  meta-device destinations) holds a bounded number of them;
+- a tensor whose memory overlaps one still being filled (a staging buffer the planner reuses
+  for every item, tied weights) waits until that one is committed;
+- non-tensor entries are decoded on the calling thread when they are next in plan order, so
+  decoded entries never pile up while the planner unpickles earlier ones.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, NamedTuple
+
+import torch
+from torch.distributed.checkpoint.planner import LoadPlanner
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+from .read_job import ReadJob
+
+# (device, first byte, end) of a tensor's memory; None where it cannot be known
+Span = tuple[str, int, int] | None
+
+
+class _Pending(NamedTuple):
+    job: ReadJob
+    future: Future | None  # None: a non-tensor entry, decoded when its turn comes
+    span: Span
+
+
+class ReadWindow:
+    """Runs one load's reads in plan order through ``pool``; ``run(job, target)`` fills a
+    tensor on an item thread, ``hand_over(job)`` decodes a non-tensor entry and gives it to
+    the planner."""
+
+    def __init__(self, planner: LoadPlanner, pool: ThreadPoolExecutor, depth: int,
+                 run: Callable[[ReadJob, torch.Tensor], torch.Tensor], hand_over: Callable[[ReadJob], None]) -> None:
+        self._planner, self._pool, self._depth = planner, pool, depth
+        self._run, self._hand_over = run, hand_over
+        self._pending: deque[_Pending] = deque()
+
+    def add(self, job: ReadJob) -> None:
+        if not job.is_tensor:
+            self._pending.append(_Pending(job, None, None))
+        else:
+            target = self._planner.resolve_tensor(job.req).detach()
+            span = memory_span(target)
+            while self._pending and (len(self._pending) >= self._depth
+                                     or any(_overlap(span, p.span) for p in self._pending if p.future)):
+                self._complete_oldest()
+            self._pending.append(_Pending(job, self._pool.submit(self._run, job, target), span))
+        while self._pending and self._pending[0].future is None:
+            self._complete_oldest()
+
+    def finish(self) -> None:
+        while self._pending:
+            self._complete_oldest()
+
+    def _complete_oldest(self) -> None:
+        job, future, _ = self._pending.popleft()
+        if future is None:
+            self._hand_over(job)
+        else:
+            self._planner.commit_tensor(job.req, future.result())
+
+
+def memory_span(tensor: torch.Tensor) -> Span:
+    """The bytes ``tensor`` may touch, from its first element to its last (a strided view
+    counts the gaps between its elements too)."""
+    if tensor.numel() == 0:
+        return ("", 0, 0)
+    if is_traceable_wrapper_subclass(tensor) or tensor.device.type == "meta":
+        return None
+    extent = sum((n - 1) * abs(s) for n, s in zip(tensor.shape, tensor.stride())) + 1
+    start = tensor.data_ptr()
+    return (str(tensor.device), start, start + extent * tensor.element_size())
+
+
+def _overlap(a: Span, b: Span) -> bool:
+    if a is None or b is None:
+        return True
+    return a[0] == b[0] and a[1] < b[2] and b[1] < a[2]
