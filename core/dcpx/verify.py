@@ -24,7 +24,6 @@ from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
 from .errors import DcpxError
 from .framing import FRAME_DESCRIPTOR, RAW_DESCRIPTOR
 from .pipeline import ItemDigests, decode_chunk, default_workers
-from .checkpoint_files import load_manifest, load_metadata
 from .data_files import DataFiles
 from .read_job import ReadJob
 from .reader import FileSystemReader
@@ -49,9 +48,8 @@ def verify_checkpoint(
     on_item: Callable[[ItemCheck], None] | None = None,
 ) -> list[ItemCheck]:
     """Verify every item of the checkpoint at ``path``; never raises for a bad item."""
-    metadata, data = load_metadata(path)
     reader = FileSystemReader(path, transforms=transforms, workers=workers)
-    reader.manifest = load_manifest(path, metadata, data)
+    metadata = reader.read_metadata()  # .metadata against the manifest, the manifest's HMAC as a load checks it
     reader.set_up_storage_reader(metadata, True)
     files = DataFiles(path)
     results: list[ItemCheck] = []

@@ -148,6 +148,21 @@ def test_verify_authenticates_items_with_the_readers_keys(tmp_path: Path) -> Non
     assert {c.status for c in checks if c.fqn != "layer.weight"} == {"ok"}
 
 
+def test_verify_checks_the_keyed_manifest_as_a_load_does(tmp_path: Path) -> None:
+    """``dcpx verify`` with a key used to skip the manifest's HMAC: wrong key bytes were only
+    seen item by item, and a removed manifest went unnoticed."""
+    from dcpx.verify import verify_checkpoint
+
+    path = tmp_path / "ck"
+    save(path, state_dict(), keys={"k1": K1})
+    with pytest.raises(dcpx.IntegrityError, match="HMAC"):
+        verify_checkpoint(str(path), transforms=[encrypt(keys={"k1": K2})])
+    for manifest in path.glob(".dcpx-manifest-*.json"):
+        manifest.unlink()
+    with pytest.raises(dcpx.IntegrityError, match="keyed manifest"):
+        verify_checkpoint(str(path), transforms=[encrypt(keys={"k1": K1})])
+
+
 # -- a committed checkpoint (encrypt only, 4 KiB segments, the published golden test key) ----
 def golden_state_dict() -> dict[str, object]:
     return {
