@@ -4,7 +4,8 @@ Environment switches (read when plugins are first needed):
 
 * ``DCPX_DISABLE_PLUGIN_AUTOLOAD=1`` - load no entry points; only in-process plugins count.
 * ``DCPX_LOAD_PLUGINS=zstd,dcpx-encrypt`` - allow-list of entry-point or distribution names.
-* ``DCPX_TRACE_PLUGINS=1`` - print every hook call to stderr (pluggy's tracing).
+* ``DCPX_TRACE_PLUGINS=1`` - print every hook call to stderr: the hook, the plugins that
+  answer it and what they return, by type only (key-provider hooks return keys).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class PluginHost:
         self._autoload = autoload
         self._loaded = False
         self._loading = False
+        self._trace = False  # DCPX_TRACE_PLUGINS: hook calls are printed
         self._lock = threading.RLock()
         self._registry: dict[str, Registration] = {}
         self._plugins: dict[str, PluginInfo] = {}
@@ -86,9 +88,9 @@ class PluginHost:
                 return
             self._loading = True
             try:
-                if os.environ.get("DCPX_TRACE_PLUGINS"):
-                    self.pm.trace.root.setwriter(sys.stderr.write)
-                    self.pm.enable_tracing()
+                if _truthy(os.environ.get("DCPX_TRACE_PLUGINS")):
+                    self.pm.add_hookcall_monitoring(_trace_call, _trace_result)
+                    self._trace = True
                 if self._autoload and not _truthy(os.environ.get("DCPX_DISABLE_PLUGIN_AUTOLOAD")):
                     self._load_entry_points()
             finally:
@@ -136,6 +138,8 @@ class PluginHost:
                                       ("dcpx_register_transforms", {"register": register})):
                 for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
                     if impl.plugin is plugin:
+                        if self._trace:
+                            _trace_call(hook_name, [impl], kwargs)
                         impl.function(**kwargs)
         except Exception as exc:
             self.pm.unregister(plugin)
@@ -276,6 +280,22 @@ def _unknown_message(name: str, failures: Iterable[PluginFailure]) -> str:
     if broken:
         msg += f". Plugins that failed to load: {'; '.join(broken)}"
     return msg
+
+
+def _trace_call(hook_name: str, impls: Any, kwargs: dict[str, Any]) -> None:
+    plugins = ", ".join(getattr(i, "plugin_name", "?") for i in impls) or "no plugin"
+    sys.stderr.write(f"dcpx: hook {hook_name}({', '.join(kwargs)}) -> {plugins}\n")
+
+
+def _trace_result(outcome: Any, hook_name: str, impls: Any, kwargs: dict[str, Any]) -> None:
+    """What a hook returned, by type: values are never printed (key providers return keys)."""
+    exc = getattr(outcome, "exception", None)
+    if exc is not None:
+        sys.stderr.write(f"dcpx: hook {hook_name} raised {type(exc).__name__}\n")
+        return
+    result = outcome.get_result()
+    shown = [type(r).__name__ for r in result] if isinstance(result, list) else type(result).__name__
+    sys.stderr.write(f"dcpx: hook {hook_name} returned {shown}\n")
 
 
 def _truthy(value: str | None) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -170,6 +171,34 @@ def test_malformed_key_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tex
         EncryptTransform().params()
 
 
+@pytest.mark.parametrize("size", ["small", "oversized"])
+def test_key_file_from_a_pipe(size: str) -> None:
+    """A key file may be a pipe (``DCPX_ENCRYPT_KEY_FILE=<(secret-tool ...)``); it has no size
+    to check up front, so the read itself stops past the limit."""
+    text = format_keyfile({"a": K1}) if size == "small" else " " * (2 << 20)
+    read_fd, write_fd = os.pipe()
+    writer = threading.Thread(target=_feed, args=(write_fd, text.encode()))
+    writer.start()
+    try:
+        if size == "small":
+            assert load_keyfile(f"/dev/fd/{read_fd}") == ({"a": K1}, "a")
+        else:
+            with pytest.raises(KeyConfigError, match="larger than"):
+                load_keyfile(f"/dev/fd/{read_fd}")
+    finally:
+        os.close(read_fd)  # a writer still blocked on a full pipe gets EPIPE and stops
+        writer.join()
+
+
+def _feed(fd: int, data: bytes) -> None:
+    try:
+        os.write(fd, data)
+    except BrokenPipeError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def test_missing_key_file_and_loose_permissions(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("DCPX_ENCRYPT_KEY_FILE", str(tmp_path / "absent.json"))
     with pytest.raises(KeyConfigError, match="cannot be read"):
@@ -287,3 +316,38 @@ def test_reprs_and_descriptors_never_hold_key_material() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert "k2" in repr(t)
+
+
+TRACED = r'''
+import dcpx, torch, warnings
+warnings.filterwarnings("ignore")
+
+class Provider:
+    @dcpx.hookimpl
+    def dcpx_encrypt_get_key(self, key_id):
+        return bytes(range(32))
+
+    @dcpx.hookimpl
+    def dcpx_encrypt_primary_key_id(self):
+        return "kms"
+
+dcpx.register_plugin(Provider(), name="kms-provider")
+dcpx.save({"w": torch.ones(3)}, PATH, transforms=["encrypt"])
+'''
+
+
+def test_plugin_trace_never_prints_keys(tmp_path: Path) -> None:
+    """``DCPX_TRACE_PLUGINS`` shows which hooks ran and what they returned by type only: a
+    key provider's answer is a key."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES}
+    env["DCPX_TRACE_PLUGINS"] = "1"
+    code = TRACED.replace("PATH", repr(str(tmp_path / "ck")))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    key = bytes(range(32))
+    assert "dcpx_encrypt_get_key" in done.stderr and "returned bytes" in done.stderr
+    for shown in (repr(key), key.hex(), base64.b64encode(key).decode(), repr(key)[2:40]):
+        assert shown not in done.stderr

@@ -182,11 +182,16 @@ def load_keyfile(path: str | os.PathLike[str]) -> tuple[dict[str, bytes], str | 
     p = Path(path)
     try:
         st = p.stat()
-        if st.st_size > MAX_KEY_FILE_BYTES:
-            raise KeyConfigError(f"{source} is larger than {MAX_KEY_FILE_BYTES} bytes")
-        text = p.read_text(encoding="utf-8")
+        with p.open("rb") as f:  # a pipe (process substitution) has no size: bound the read itself
+            data = f.read(MAX_KEY_FILE_BYTES + 1)
     except OSError as exc:
         raise KeyConfigError(f"{source} cannot be read: {exc.strerror or exc}") from None
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise KeyConfigError(f"{source} is larger than {MAX_KEY_FILE_BYTES} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise KeyConfigError(f"{source} is not UTF-8 text: {exc}") from None
     if os.name == "posix" and stat.S_IMODE(st.st_mode) & 0o077:
         warnings.warn(f"{source} is readable by other users; chmod 600 it", stacklevel=4)
     try:
