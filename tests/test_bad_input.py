@@ -794,6 +794,11 @@ def test_user_classes_load_when_allowed_or_trusted(tmp_path: Path) -> None:
     dest = {"cfg": None}
     dcp.load(dest, storage_reader=dcpx.FileSystemReader(tmp_path, weights_only=False))  # a checkpoint you trust
     assert dest["cfg"].lr == 0.5
+    with pytest.raises(dcpx.UnsafeCheckpointError, match="cfg"):
+        dcpx.load({"cfg": None}, tmp_path)
+    dest = {"cfg": None}
+    dcpx.load(dest, tmp_path, weights_only=False)  # the same switch through dcpx.load
+    assert dest["cfg"].lr == 0.5
 
 def test_non_tensor_entry_with_plain_values_loads(tmp_path: Path) -> None:
     sd = {"cfg": {"lr": 0.1, "betas": (0.9, 0.99), "name": "x", "flags": [True, None], "t": torch.ones(2)}}

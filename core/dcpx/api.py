@@ -80,11 +80,14 @@ def load(
     planner: Any = None,
     **reader_options: Any,
 ) -> None:
-    """Load ``path`` into ``state_dict`` in place, safely: non-tensor entries never run code."""
+    """Load ``path`` into ``state_dict`` in place, safely: non-tensor entries never run code
+    (unless ``weights_only=False`` says the checkpoint is trusted)."""
     reader = FileSystemReader(path, transforms=transforms, require=require, **reader_options)
+    if planner is None:
+        planner = SafeLoadPlanner() if reader.weights_only else DefaultLoadPlanner()
     try:
         with unwrap_errors():
-            dcp.load(state_dict, storage_reader=reader, process_group=process_group, planner=planner or SafeLoadPlanner())
+            dcp.load(state_dict, storage_reader=reader, process_group=process_group, planner=planner)
     except AssertionError as exc:  # torch's "metadata is None" after our metadata error
         if reader.metadata_error is not None:
             raise reader.metadata_error from exc
