@@ -4,9 +4,10 @@ Stock torch's reader calls ``resolve_tensor``, fills the tensor and calls ``comm
 one item at a time.  dcpx fills several tensors at once on item threads, and keeps to what a
 planner may rely on:
 
-- items are resolved and committed in plan order, resolved at most ``depth`` items ahead of
-  the last commit, so a planner that gives each item new memory (staging copies for GPU or
-  meta-device destinations) holds a bounded number of them;
+- items are resolved and committed in plan order, and resolved ahead of the last commit
+  only while the tensors in flight stay within a budget (``threads`` of them always, more
+  up to ``max_bytes`` and ``16 * threads``), so a planner that gives each item new memory
+  (staging copies for GPU or meta-device destinations) holds a bounded amount;
 - a tensor whose memory overlaps one still being filled (a staging buffer the planner reuses
   for every item, tied weights) waits until that one is committed;
 - non-tensor entries are decoded on the calling thread when they are next in plan order, so
@@ -33,6 +34,7 @@ class _Pending(NamedTuple):
     job: ReadJob
     future: Future | None  # None: a non-tensor entry, decoded when its turn comes
     span: Span
+    nbytes: int
 
 
 class ReadWindow:
@@ -40,31 +42,37 @@ class ReadWindow:
     tensor on an item thread, ``hand_over(job)`` decodes a non-tensor entry and gives it to
     the planner."""
 
-    def __init__(self, planner: LoadPlanner, pool: ThreadPoolExecutor, depth: int,
+    def __init__(self, planner: LoadPlanner, pool: ThreadPoolExecutor, threads: int, max_bytes: int,
                  run: Callable[[ReadJob, torch.Tensor], torch.Tensor], hand_over: Callable[[ReadJob], None]) -> None:
-        self._planner, self._pool, self._depth = planner, pool, depth
-        self._run, self._hand_over = run, hand_over
+        self._planner, self._pool, self._run, self._hand_over = planner, pool, run, hand_over
+        self._threads, self._max_items, self._max_bytes = threads, 16 * threads, max_bytes
         self._pending: deque[_Pending] = deque()
+        self._bytes = 0  # of the tensors in flight
 
     def add(self, job: ReadJob) -> None:
         if not job.is_tensor:
-            self._pending.append(_Pending(job, None, None))
+            self._pending.append(_Pending(job, None, None, 0))
         else:
             target = self._planner.resolve_tensor(job.req).detach()
-            span = memory_span(target)
-            while self._pending and (len(self._pending) >= self._depth
-                                     or any(_overlap(span, p.span) for p in self._pending if p.future)):
+            span, nbytes = memory_span(target), target.nbytes
+            while self._pending and (self._full(nbytes) or any(_overlap(span, p.span) for p in self._pending if p.future)):
                 self._complete_oldest()
-            self._pending.append(_Pending(job, self._pool.submit(self._run, job, target), span))
+            self._pending.append(_Pending(job, self._pool.submit(self._run, job, target), span, nbytes))
+            self._bytes += nbytes
         while self._pending and self._pending[0].future is None:
             self._complete_oldest()
+
+    def _full(self, nbytes: int) -> bool:
+        n = len(self._pending)
+        return n >= self._max_items or (n >= self._threads and self._bytes + nbytes > self._max_bytes)
 
     def finish(self) -> None:
         while self._pending:
             self._complete_oldest()
 
     def _complete_oldest(self) -> None:
-        job, future, _ = self._pending.popleft()
+        job, future, _, nbytes = self._pending.popleft()
+        self._bytes -= nbytes
         if future is None:
             self._hand_over(job)
         else:

@@ -38,6 +38,8 @@ from .transform import TorchStreamTransform, Transform, descriptor_name, holds_k
 
 
 READS_PER_CORE = 2
+# tensors resolved ahead of their commit (a planner may stage each in memory of its own)
+IN_FLIGHT_BYTES = 1 << 30
 
 
 class FileSystemReader(StorageReader):
@@ -241,7 +243,7 @@ class FileSystemReader(StorageReader):
             item_pool = ThreadPoolExecutor(threads, thread_name_prefix="dcpx-reader")
             try:
                 window = ReadWindow(
-                    planner, item_pool, 4 * threads,
+                    planner, item_pool, threads, IN_FLIGHT_BYTES,
                     run=lambda job, target: _run(job, target, buffered),
                     hand_over=lambda job: hand_over(planner, job.req, job.run(None), job.where, self.weights_only),
                 )
