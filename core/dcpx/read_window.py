@@ -16,6 +16,7 @@ planner may rely on:
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, NamedTuple
@@ -48,6 +49,9 @@ class ReadWindow:
         self._threads, self._max_items, self._max_bytes = threads, 16 * threads, max_bytes
         self._pending: deque[_Pending] = deque()
         self._bytes = 0  # of the tensors in flight
+        # memory of the tensors in flight, sorted; disjoint, as overlapping ones wait
+        self._spans: list[tuple[str, int, int]] = []
+        self._unknown = 0  # tensors in flight whose memory cannot be known
 
     def add(self, job: ReadJob) -> None:
         if not job.is_tensor:
@@ -55,10 +59,11 @@ class ReadWindow:
         else:
             target = self._planner.resolve_tensor(job.req).detach()
             span, nbytes = memory_span(target), target.nbytes
-            while self._pending and (self._full(nbytes) or any(_overlap(span, p.span) for p in self._pending if p.future)):
+            while self._pending and (self._full(nbytes) or self._overlaps(span)):
                 self._complete_oldest()
             self._pending.append(_Pending(job, self._pool.submit(self._run, job, target), span, nbytes))
             self._bytes += nbytes
+            self._track(span, +1)
         while self._pending and self._pending[0].future is None:
             self._complete_oldest()
 
@@ -66,17 +71,37 @@ class ReadWindow:
         n = len(self._pending)
         return n >= self._max_items or (n >= self._threads and self._bytes + nbytes > self._max_bytes)
 
+    def _overlaps(self, span: Span) -> bool:
+        """Whether ``span`` may share memory with a tensor in flight (its neighbours in the
+        sorted, disjoint spans are the only candidates)."""
+        if span is None:
+            return bool(self._spans or self._unknown)
+        if self._unknown:
+            return True
+        i = bisect.bisect_left(self._spans, span)
+        return any(_overlap(span, self._spans[j]) for j in (i - 1, i) if 0 <= j < len(self._spans))
+
+    def _track(self, span: Span, sign: int) -> None:
+        if span is None:
+            self._unknown += sign
+        elif span[1] < span[2]:
+            if sign > 0:
+                bisect.insort(self._spans, span)
+            else:
+                del self._spans[bisect.bisect_left(self._spans, span)]
+
     def finish(self) -> None:
         while self._pending:
             self._complete_oldest()
 
     def _complete_oldest(self) -> None:
-        job, future, _, nbytes = self._pending.popleft()
-        self._bytes -= nbytes
+        job, future, span, nbytes = self._pending.popleft()
         if future is None:
             self._hand_over(job)
-        else:
-            self._planner.commit_tensor(job.req, future.result())
+            return
+        self._bytes -= nbytes
+        self._track(span, -1)
+        self._planner.commit_tensor(job.req, future.result())
 
 
 def memory_span(tensor: torch.Tensor) -> Span:
