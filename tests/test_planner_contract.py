@@ -154,3 +154,24 @@ def test_tied_and_overlapping_destinations(tmp_path: Path) -> None:
     dcp.load(dest, storage_reader=dcpx.FileSystemReader(tmp_path))
     assert torch.equal(tied, torch.arange(12.0) * 2)  # b comes after a in plan order
     assert torch.equal(flat[6:12], torch.arange(6.0) - 1) and not flat[:6].any() and not flat[12:].any()
+
+
+def test_planner_sees_the_id_the_save_commits(tmp_path: Path) -> None:
+    """DCP gives the save planner ``storage_writer.storage_meta()`` before planning; its save
+    id is the one the checkpoint records, save after save (stock draws it in ``reset``)."""
+    from dcpx.checkpoint_files import load_metadata
+
+    class Recording(DefaultSavePlanner):
+        def set_up_planner(self, state_dict: Any, storage_meta: Any = None, is_coordinator: bool = False) -> None:
+            self.seen = storage_meta.save_id
+            super().set_up_planner(state_dict, storage_meta, is_coordinator)
+
+    writer = dcpx.FileSystemWriter(tmp_path)
+    ids = []
+    for value in (1.0, 2.0):
+        planner = Recording()
+        dcp.save({"w": torch.full((4,), value)}, storage_writer=writer, planner=planner)
+        committed = load_metadata(str(tmp_path))[0].storage_meta.save_id
+        assert planner.seen == committed == writer.save_id
+        ids.append(committed)
+    assert ids[0] != ids[1]

@@ -38,6 +38,8 @@ class SavePlanning:
     def __init__(self) -> None:
         self.fresh: PlanData | None = None
         self.alone = False  # the save's only rank
+        # the id the next save draws: DCP asks for it (storage_meta) before the save is planned
+        self.next_id = uuid.uuid4().hex
 
     def begin(self) -> None:
         """A new save starts; nothing is planned yet."""
@@ -46,7 +48,8 @@ class SavePlanning:
     def draw(self, prefix: str, committed: bool, alone: bool) -> PlanData:
         """New plan data for the save this writer plans (``committed``: the directory holds
         a committed checkpoint, so data files get a name tag)."""
-        self.fresh = PlanData(prefix, uuid.uuid4().hex, uuid.uuid4().hex[:12] if committed else None)
+        self.fresh = PlanData(prefix, self.next_id, uuid.uuid4().hex[:12] if committed else None)
+        self.next_id = uuid.uuid4().hex
         self.alone = alone
         return self.fresh
 

@@ -117,7 +117,8 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         self.use_collectives = kwargs.get("use_collectives", True)
 
     def storage_meta(self) -> StorageMeta | None:
-        return StorageMeta(checkpoint_id=self.path, save_id=self.save_id)
+        # what the next save will commit as its id: DCP hands this to the planner before planning
+        return StorageMeta(checkpoint_id=self.path, save_id=self._planning.next_id)
 
     @property
     def checkpoint_id(self) -> str | os.PathLike:
