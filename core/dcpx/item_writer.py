@@ -1,4 +1,5 @@
-"""Writing one item's pieces into its data file, in order, and describing the result.
+"""One item on its way to a data file: the tensor the plan describes, its pieces written
+in order, and the result that describes it.
 
 The file's thread calls these continuations strictly in submission order while chunk
 encodes run ahead on the pool, so an item's offset is where its first piece lands.
@@ -14,8 +15,10 @@ import torch
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from . import digest
+from .errors import ConfigError
 from .framing import FRAME_DESCRIPTOR, FrameIndex
 from .pipeline import BoundChain
 from .transform import ItemInfo
@@ -88,6 +91,42 @@ class ItemState:
         self.keep = None
         descriptors = [FRAME_DESCRIPTOR, *self.chain.outermost_first()]
         return item_result(self.item, self.name, self.offset, length, descriptors, self.info.nbytes, records)
+
+
+def item_tensor(item: WriteItem, data: Any, minimal_storage: bool = False) -> torch.Tensor:
+    """A contiguous CPU tensor with the data's values.  Raw writes need only contiguity;
+    ``torch.save`` (compat mode) writes the whole storage, so it gets a minimal one.
+
+    The plan's dtype and chunk shape become the checkpoint's metadata, and a raw item is
+    read back as exactly that: a tensor from ``planner.resolve_data`` that differs would be
+    stored as garbage (same element size) or as a checkpoint no reader can load."""
+    fqn = item.index.fqn
+    if not isinstance(data, torch.Tensor):
+        raise ConfigError(f"{fqn}: the save planner's resolve_data returned a {type(data).__name__} for a tensor item")
+    planned = item.tensor_data
+    if planned is not None and (data.dtype != planned.properties.dtype or tuple(data.shape) != tuple(planned.chunk.sizes)):
+        raise ConfigError(
+            f"{fqn}: the save planner's resolve_data returned a {data.dtype} tensor of shape {tuple(data.shape)}, "
+            f"but the plan records {planned.properties.dtype} of shape {tuple(planned.chunk.sizes)}; a planner that "
+            "converts tensors must record the new dtype in its plan (WriteItem.tensor_data.properties.dtype)"
+        )
+    if is_traceable_wrapper_subclass(data) and not minimal_storage:
+        raise ConfigError(
+            f"{fqn}: a {type(data).__name__} is a wrapper tensor subclass, whose values live in inner tensors, "
+            "and dcpx stores a tensor item as its elements; save with compat=True (torch.save items, as stock "
+            "torch writes them), or save its plain values or inner tensors instead"
+        )
+    if data.layout != torch.strided:  # DCP stores a tensor as its dense elements (stock torch fails too)
+        raise ConfigError(f"{fqn}: a {data.layout} tensor cannot be saved as a DCP item; store tensor.to_dense(), "
+                          "or its indices and values as separate tensors")
+    tensor = data.detach().resolve_conj().resolve_neg()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+    if minimal_storage and not is_traceable_wrapper_subclass(tensor) and tensor.untyped_storage().nbytes() != tensor.nbytes:
+        tensor = tensor.clone()
+    return tensor
 
 
 def torch_save_bytes(item: WriteItem, data: Any, chain: BoundChain) -> WholeItem:

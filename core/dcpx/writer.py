@@ -17,14 +17,13 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.staging import BlockingAsyncStager
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from . import commit, digest, manifest
 from .errors import CommitError, ConfigError
 from .framing import RAW_DESCRIPTOR
 from .gc_pause import gc_paused
 from .checkpoint_files import metadata_files
-from .item_writer import ItemState, ItemStorageInfo, WholeItem, item_result, torch_save_bytes
+from .item_writer import ItemState, ItemStorageInfo, WholeItem, item_result, item_tensor, torch_save_bytes
 from .plan_data import PlanData, SavePlanning
 from .pipeline import DEFAULT_CHUNK_SIZE, BoundChain, OrderedWindow, codec_pool, default_workers, encode_chunk, iter_chunks
 from .rules import TransformSpec, resolve_transforms
@@ -226,7 +225,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
     def _write_file(self, name: str, items: list[WriteItem], planner: SavePlanner, checkpoint_id: str) -> list[WriteResult]:
         path = os.path.join(self.path, name)
         if self.safetensors and items[0].type != WriteItemType.BYTE_IO:
-            tensors = [(item, _cpu_tensor(item, planner.resolve_data(item))) for item in items]
+            tensors = [(item, item_tensor(item, planner.resolve_data(item))) for item in items]
             placed = write_safetensors_file(path, tensors, self.sync_files)
             return [item_result(item, name, off, length, [RAW_DESCRIPTOR], length, {digest.RECORD: crc})
                     for item, off, length, crc in placed]
@@ -262,7 +261,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
             buffer = data.getbuffer() if isinstance(data, io.BytesIO) else memoryview(bytes(data))
             raw, keep, info = memoryview(buffer).cast("B"), buffer, ItemInfo(item.index.fqn, buffer.nbytes, checkpoint_id=checkpoint_id)
         else:
-            keep = tensor = _cpu_tensor(item, data, minimal_storage=self.compat)
+            keep = tensor = item_tensor(item, data, minimal_storage=self.compat)
             raw = memoryview(b"") if self.compat else tensor_bytes(tensor)  # compat: torch.save reads the tensor
             info = ItemInfo(
                 item.index.fqn, tensor.nbytes, tensor.dtype, tuple(tensor.shape),
@@ -366,42 +365,6 @@ def _item_nbytes(item: WriteItem) -> int:
     for s in td.size:
         n *= s
     return n * torch.empty((), dtype=td.properties.dtype).element_size()
-
-
-def _cpu_tensor(item: WriteItem, data: Any, minimal_storage: bool = False) -> torch.Tensor:
-    """A contiguous CPU tensor with the data's values.  Raw writes need only contiguity;
-    ``torch.save`` (compat mode) writes the whole storage, so it gets a minimal one.
-
-    The plan's dtype and chunk shape become the checkpoint's metadata, and a raw item is
-    read back as exactly that: a tensor from ``planner.resolve_data`` that differs would be
-    stored as garbage (same element size) or as a checkpoint no reader can load."""
-    fqn = item.index.fqn
-    if not isinstance(data, torch.Tensor):
-        raise ConfigError(f"{fqn}: the save planner's resolve_data returned a {type(data).__name__} for a tensor item")
-    planned = item.tensor_data
-    if planned is not None and (data.dtype != planned.properties.dtype or tuple(data.shape) != tuple(planned.chunk.sizes)):
-        raise ConfigError(
-            f"{fqn}: the save planner's resolve_data returned a {data.dtype} tensor of shape {tuple(data.shape)}, "
-            f"but the plan records {planned.properties.dtype} of shape {tuple(planned.chunk.sizes)}; a planner that "
-            "converts tensors must record the new dtype in its plan (WriteItem.tensor_data.properties.dtype)"
-        )
-    if is_traceable_wrapper_subclass(data) and not minimal_storage:
-        raise ConfigError(
-            f"{fqn}: a {type(data).__name__} is a wrapper tensor subclass, whose values live in inner tensors, "
-            "and dcpx stores a tensor item as its elements; save with compat=True (torch.save items, as stock "
-            "torch writes them), or save its plain values or inner tensors instead"
-        )
-    if data.layout != torch.strided:  # DCP stores a tensor as its dense elements (stock torch fails too)
-        raise ConfigError(f"{fqn}: a {data.layout} tensor cannot be saved as a DCP item; store tensor.to_dense(), "
-                          "or its indices and values as separate tensors")
-    tensor = data.detach().resolve_conj().resolve_neg()
-    if tensor.device.type != "cpu":
-        tensor = tensor.cpu()
-    if not tensor.is_contiguous():
-        tensor = tensor.contiguous()
-    if minimal_storage and not is_traceable_wrapper_subclass(tensor) and tensor.untyped_storage().nbytes() != tensor.nbytes:
-        tensor = tensor.clone()
-    return tensor
 
 
 def _file_sizes(directory: str, records: list[manifest.ItemRecord]) -> dict[str, int]:
