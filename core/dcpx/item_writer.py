@@ -93,9 +93,10 @@ class ItemState:
         return item_result(self.item, self.name, self.offset, length, descriptors, self.info.nbytes, records)
 
 
-def item_tensor(item: WriteItem, data: Any, minimal_storage: bool = False) -> torch.Tensor:
+def item_tensor(item: WriteItem, data: Any, for_torch_save: bool = False) -> torch.Tensor:
     """A contiguous CPU tensor with the data's values.  Raw writes need only contiguity;
-    ``torch.save`` (compat mode) writes the whole storage, so it gets a minimal one.
+    ``torch.save`` (compat mode) writes the whole storage, so it gets a minimal one, and
+    it pickles wrapper subclasses, which raw writes cannot store.
 
     The plan's dtype and chunk shape become the checkpoint's metadata, and a raw item is
     read back as exactly that: a tensor from ``planner.resolve_data`` that differs would be
@@ -110,7 +111,7 @@ def item_tensor(item: WriteItem, data: Any, minimal_storage: bool = False) -> to
             f"but the plan records {planned.properties.dtype} of shape {tuple(planned.chunk.sizes)}; a planner that "
             "converts tensors must record the new dtype in its plan (WriteItem.tensor_data.properties.dtype)"
         )
-    if is_traceable_wrapper_subclass(data) and not minimal_storage:
+    if is_traceable_wrapper_subclass(data) and not for_torch_save:
         raise ConfigError(
             f"{fqn}: a {type(data).__name__} is a wrapper tensor subclass, whose values live in inner tensors, "
             "and dcpx stores a tensor item as its elements; save with compat=True (torch.save items, as stock "
@@ -124,7 +125,7 @@ def item_tensor(item: WriteItem, data: Any, minimal_storage: bool = False) -> to
         tensor = tensor.cpu()
     if not tensor.is_contiguous():
         tensor = tensor.contiguous()
-    if minimal_storage and not is_traceable_wrapper_subclass(tensor) and tensor.untyped_storage().nbytes() != tensor.nbytes:
+    if for_torch_save and not is_traceable_wrapper_subclass(tensor) and tensor.untyped_storage().nbytes() != tensor.nbytes:
         tensor = tensor.clone()
     return tensor
 

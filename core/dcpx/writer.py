@@ -261,7 +261,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
             buffer = data.getbuffer() if isinstance(data, io.BytesIO) else memoryview(bytes(data))
             raw, keep, info = memoryview(buffer).cast("B"), buffer, ItemInfo(item.index.fqn, buffer.nbytes, checkpoint_id=checkpoint_id)
         else:
-            keep = tensor = item_tensor(item, data, minimal_storage=self.compat)
+            keep = tensor = item_tensor(item, data, for_torch_save=self.compat)
             raw = memoryview(b"") if self.compat else tensor_bytes(tensor)  # compat: torch.save reads the tensor
             info = ItemInfo(
                 item.index.fqn, tensor.nbytes, tensor.dtype, tuple(tensor.shape),
