@@ -24,7 +24,7 @@ from .framing import FOOTER, FRAME_DESCRIPTOR, MARKERS, RAW_DESCRIPTOR, FrameInd
 from .pipeline import BoundChain, ItemDigests, codec_pool, decode_range
 from .safe_pickle import check_stored_archive, weights_only_reason
 from .safetensors_io import starts_safetensors_file
-from .tensor_bytes import element_size, writable_bytes
+from .tensor_bytes import element_size, region, writable_bytes
 from .transform import ItemInfo, read_bounded
 
 if TYPE_CHECKING:
@@ -240,10 +240,7 @@ class ReadJob:
             return target
         tmp = torch.empty(shape, dtype=dtype)
         fill(0, tmp.nbytes, writable_bytes(tmp))
-        region = tmp
-        for dim, (o, n) in enumerate(zip(offsets, lengths)):
-            region = region.narrow(dim, o, n)
-        target.copy_(region)
+        target.copy_(region(tmp, offsets, lengths))
         return target
 
     # stock torch items: torch.save payloads through torch-style stream transforms ------
@@ -289,12 +286,10 @@ class ReadJob:
             ) from exc
         if not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise CheckpointFormatError(f"{self.where}: stored tensor does not match metadata ({dtype}, {shape})")
-        region = tensor
-        for dim, (o, n) in enumerate(zip(self.req.storage_offsets, self.req.lengths)):
-            region = region.narrow(dim, int(o), int(n))
-        if tuple(target.shape) != tuple(region.shape):
-            raise CheckpointFormatError(f"{self.where}: destination has shape {tuple(target.shape)}, read expects {tuple(region.shape)}")
-        target.copy_(region)
+        wanted = region(tensor, self.req.storage_offsets, self.req.lengths)
+        if tuple(target.shape) != tuple(wanted.shape):
+            raise CheckpointFormatError(f"{self.where}: destination has shape {tuple(target.shape)}, read expects {tuple(wanted.shape)}")
+        target.copy_(wanted)
         return target
 
     def _checkpoint_id(self) -> str:
