@@ -181,6 +181,7 @@ def test_unexpected_error_is_one_line_and_exit_2(work: Path, monkeypatch: pytest
 
     monkeypatch.setattr(dcpx.inspect, "describe", broken)
     monkeypatch.setattr(dcpx.checkpoint_files, "load_metadata", broken)
+    monkeypatch.setattr(dcpx.reader, "load_metadata", broken)  # verify reads .metadata as a load does
     assert dcpx.cli.main([command, str(work / "checked"), *(["--quiet"] if command == "verify" else [])]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"dcpx {command}: {work / 'checked'}: "), err

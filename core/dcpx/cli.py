@@ -17,7 +17,7 @@ from .errors import DcpxError
 EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
 
 
-def _progress(total: int, unit: str, quiet: bool, desc: str) -> tqdm:
+def _progress(total: int | None, unit: str, quiet: bool, desc: str) -> tqdm:
     return tqdm(total=total, unit=unit, unit_scale=True, desc=desc, disable=quiet or not sys.stderr.isatty(), file=sys.stderr)
 
 
@@ -72,12 +72,14 @@ def _ratio(value: float | None) -> str:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from .verify import verify_checkpoint
-    from .checkpoint_files import load_metadata
 
-    metadata, _ = load_metadata(args.path)
-    total = len(metadata.storage_data or {})
-    with _progress(total, "item", args.quiet, "verify") as bar:
-        results = verify_checkpoint(args.path, on_item=lambda _c: bar.update(1))
+    with _progress(None, "item", args.quiet, "verify") as bar:  # .metadata is read once, by verify
+
+        def start(total: int) -> None:
+            bar.total = total
+            bar.refresh()
+
+        results = verify_checkpoint(args.path, on_item=lambda _c: bar.update(1), on_start=start)
     failed = [r for r in results if r.status == "failed"]
     missing = [r for r in results if r.status == "missing"]
     ok = [r for r in results if r.status == "ok"]

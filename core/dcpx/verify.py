@@ -46,11 +46,15 @@ def verify_checkpoint(
     transforms: Sequence[Any] | None = None,
     workers: int | None = None,
     on_item: Callable[[ItemCheck], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> list[ItemCheck]:
-    """Verify every item of the checkpoint at ``path``; never raises for a bad item."""
+    """Verify every item of the checkpoint at ``path``; never raises for a bad item.
+    ``on_start`` learns how many items there are once ``.metadata`` is read."""
     reader = FileSystemReader(path, transforms=transforms, workers=workers)
     metadata = reader.read_metadata()  # .metadata against the manifest, the manifest's HMAC as a load checks it
     reader.set_up_storage_reader(metadata, True)
+    if on_start is not None:
+        on_start(len(metadata.storage_data or {}))
     files = DataFiles(path)
     results: list[ItemCheck] = []
     try:
