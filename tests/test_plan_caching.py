@@ -1,7 +1,7 @@
 """Every save gets its own checkpoint id and file names, also when DCP's plan caching
 (``DefaultSavePlanner(enable_plan_caching=True)``) hands the writer an earlier save's plan,
-and also when one writer object saves several times.  The multi-rank case, where such a
-plan is refused, is in integration/test_multirank.py."""
+and also when one writer object saves several times.  The multi-rank case, where a rank
+writes such a plan under an id of its own, is in integration/test_multirank.py."""
 
 from __future__ import annotations
 

@@ -164,6 +164,7 @@ def test_planner_sees_the_id_the_save_commits(tmp_path: Path) -> None:
     class Recording(DefaultSavePlanner):
         def set_up_planner(self, state_dict: Any, storage_meta: Any = None, is_coordinator: bool = False) -> None:
             self.seen = storage_meta.save_id
+            self.seen_path = storage_meta.checkpoint_id
             super().set_up_planner(state_dict, storage_meta, is_coordinator)
 
     writer = dcpx.FileSystemWriter(tmp_path)
@@ -173,5 +174,6 @@ def test_planner_sees_the_id_the_save_commits(tmp_path: Path) -> None:
         dcp.save({"w": torch.full((4,), value)}, storage_writer=writer, planner=planner)
         committed = load_metadata(str(tmp_path))[0].storage_meta.save_id
         assert planner.seen == committed == writer.save_id
+        assert planner.seen_path == tmp_path  # a Path, as stock's writer gives
         ids.append(committed)
     assert ids[0] != ids[1]

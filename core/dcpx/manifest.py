@@ -44,6 +44,11 @@ def manifest_name(checkpoint_id: str) -> str:
     return f"{PREFIX}{checkpoint_id}.json"
 
 
+#: an item's record of the checkpoint id its stored bytes are bound to, where a rank wrote it
+#: under an id of its own rather than the checkpoint's (DCP's plan caching; see plan_data.py)
+SAVE_ID_RECORD = "save_id"
+
+
 @dataclass
 class ItemRecord:
     fqn: str

@@ -5,10 +5,10 @@ Every save draws a new checkpoint id, and a name tag for its data files when the
 holds a committed checkpoint (new names must not reuse its files).  DCP's plan caching
 (``DefaultSavePlanner(enable_plan_caching=True)``) hands a rank whose plan did not change
 the final plan of an earlier save: its id and file names are that save's, and writing them
-would reuse the id and overwrite the committed files in place.  Where one writer planned the
-save alone (one process, or ``use_collectives=False``) it writes this save's own data
-instead; ranks of a collective save cannot agree on a new id without the plan, so they
-refuse it.
+would reuse the id and overwrite the committed files in place.  A writer that planned the
+save (the coordinator, or one rank saving alone) writes with this save's id instead.  Any
+other rank cannot learn that id without a new plan, so it draws an id and file tag of its
+own, and its items record the id they are bound to (``manifest.SAVE_ID_RECORD``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ class PlanData:
     prefix: str
     checkpoint_id: str
     tag: str | None
+    # an id this rank drew for itself (a cached plan): not the one the checkpoint commits
+    own_id: bool = False
 
 
 class SavePlanning:
@@ -37,7 +39,6 @@ class SavePlanning:
 
     def __init__(self) -> None:
         self.fresh: PlanData | None = None
-        self.alone = False  # the save's only rank
         # the id the next save draws: DCP asks for it (storage_meta) before the save is planned
         self.next_id = uuid.uuid4().hex
 
@@ -45,12 +46,11 @@ class SavePlanning:
         """A new save starts; nothing is planned yet."""
         self.fresh = None
 
-    def draw(self, prefix: str, committed: bool, alone: bool) -> PlanData:
+    def draw(self, prefix: str, committed: bool) -> PlanData:
         """New plan data for the save this writer plans (``committed``: the directory holds
         a committed checkpoint, so data files get a name tag)."""
         self.fresh = PlanData(prefix, self.next_id, uuid.uuid4().hex[:12] if committed else None)
         self.next_id = uuid.uuid4().hex
-        self.alone = alone
         return self.fresh
 
     def resolve(self, data: PlanData, where: str) -> PlanData:
@@ -63,15 +63,19 @@ class SavePlanning:
         else:  # another rank planned it: a plan naming an id already written is a cached one
             stale = data.checkpoint_id in _WRITTEN_IDS
         if stale:
-            if fresh is None or not self.alone:
+            prefix = getattr(data, "prefix", None if fresh is None else fresh.prefix)
+            if not isinstance(prefix, str):
                 raise ConfigError(
                     f"{where}: DCP handed this rank the plan of an earlier save ({_describe(data)}), "
-                    "as DefaultSavePlanner(enable_plan_caching=True) does when a rank's "
-                    "plan has not changed; writing it would reuse that checkpoint's id and files. Save without "
-                    "plan caching when several ranks save together (it works for a single process and with "
-                    "use_collectives=False). This rank wrote nothing; the save is not committed"
+                    "as DefaultSavePlanner(enable_plan_caching=True) does when a rank's plan has not changed, "
+                    "and it names no file prefix to write under. Save without plan caching. This rank wrote "
+                    "nothing; the save is not committed"
                 )
-            data = dataclasses.replace(fresh, prefix=getattr(data, "prefix", fresh.prefix))
+            if fresh is not None:
+                data = dataclasses.replace(fresh, prefix=prefix)
+            else:
+                own = uuid.uuid4().hex
+                data = PlanData(prefix, own, own[:12], own_id=True)
         _WRITTEN_IDS.add(data.checkpoint_id)
         return data
 

@@ -21,6 +21,7 @@ from . import digest
 from .data_files import DataFile
 from .errors import CheckpointFormatError, DcpxError
 from .framing import FOOTER, FRAME_DESCRIPTOR, MARKERS, RAW_DESCRIPTOR, FrameIndex, parse_footer, parse_index
+from .manifest import SAVE_ID_RECORD
 from .pipeline import BoundChain, ItemDigests, codec_pool, decode_range
 from .safe_pickle import check_stored_archive, weights_only_reason
 from .safetensors_io import starts_safetensors_file
@@ -293,5 +294,10 @@ class ReadJob:
         return target
 
     def _checkpoint_id(self) -> str:
+        """The id the item's bytes are bound to: the checkpoint's, unless the item records one
+        of its own (a rank that wrote a cached plan; see plan_data.py)."""
+        own = self.records.get(SAVE_ID_RECORD)
+        if own is not None:
+            return own
         md = self.reader.metadata
         return str(md.storage_meta.save_id or "") if md is not None and md.storage_meta is not None else ""

@@ -8,6 +8,7 @@ import os
 import pickle
 import threading
 import uuid
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -116,8 +117,9 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         self.use_collectives = kwargs.get("use_collectives", True)
 
     def storage_meta(self) -> StorageMeta | None:
-        # what the next save will commit as its id: DCP hands this to the planner before planning
-        return StorageMeta(checkpoint_id=self.path, save_id=self._planning.next_id)
+        # what the next save will commit as its id: DCP hands this to the planner before planning.
+        # A Path, as stock gives planners; the committed metadata records the plain string.
+        return StorageMeta(checkpoint_id=Path(self.path), save_id=self._planning.next_id)
 
     @property
     def checkpoint_id(self) -> str | os.PathLike:
@@ -133,7 +135,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
             if not self.overwrite:
                 raise CommitError(f"{self.path}: Checkpoint already exists and overwrite=False; pass overwrite=True or save elsewhere")
         if not self.use_collectives:
-            plan = dataclasses.replace(plan, storage_data=self._new_plan_data(f"__{self._own_rank()}_", alone=True))
+            plan = dataclasses.replace(plan, storage_data=self._new_plan_data(f"__{self._own_rank()}_"))
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
@@ -141,7 +143,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         self._scope.lock_and_clean()
         if not self.use_collectives:  # the rank's own checkpoint: planned by prepare_local_plan
             return plans
-        shared = self._new_plan_data("", alone=len(plans) == 1)
+        shared = self._new_plan_data("")
         return [dataclasses.replace(p, storage_data=dataclasses.replace(shared, prefix=f"__{i}_")) for i, p in enumerate(plans)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
@@ -183,6 +185,9 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
             self._release()
             fut.set_exception(errors[0])
         else:
+            if data.own_id:  # a cached plan: this rank's items are bound to an id of its own
+                for result in results:
+                    result.storage_data.records[manifest.SAVE_ID_RECORD] = data.checkpoint_id
             if self._scope is not None:
                 self._scope.lock.busy = False  # waiting for the other ranks now (see SaveLock)
             fut.set_result(results)
@@ -325,9 +330,9 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         """The rank whose own checkpoint this is (``use_collectives=False``), else None."""
         return None if self.use_collectives else (self.rank or 0)
 
-    def _new_plan_data(self, prefix: str, alone: bool) -> PlanData:
+    def _new_plan_data(self, prefix: str) -> PlanData:
         """This save's plan data (a writer may save many times; see plan_data.py)."""
-        data = self._planning.draw(prefix, committed=bool(metadata_files(self.path)), alone=alone)
+        data = self._planning.draw(prefix, committed=bool(metadata_files(self.path)))
         self.save_id = data.checkpoint_id
         return data
 

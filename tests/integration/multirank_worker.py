@@ -187,26 +187,62 @@ def async_process(path: str) -> None:
 
 
 def plan_caching(path: str) -> None:
-    """``DefaultSavePlanner(enable_plan_caching=True)``: the second save hands every rank the
-    first save's plan (its checkpoint id and files).  Each rank refuses to write it, nothing
-    is committed, and the first checkpoint is untouched."""
-    from torch.distributed.checkpoint.api import CheckpointException
+    """``DefaultSavePlanner(enable_plan_caching=True)``: from the second save on, DCP hands a
+    rank whose plan did not change the final plan of an earlier save (its checkpoint id and
+    files).  Every save is still written as a new checkpoint through zstd, encrypt and
+    checksum: into a new directory, over the committed one in place, and with the coordinator's
+    plan changed while the other rank's stays cached (replicated entries are saved by rank 0,
+    so rank 1's plan holds only its own tensor).  Each loads back, verifies, and the checkpoint it
+    replaced in place was not damaged before the new one committed."""
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
-    sd = replicated_state()
+    import dcpx_checksum.plugin
+    import dcpx_encrypt.plugin
+
+    from dcpx.verify import verify_checkpoint
+
+    for plugin in (dcpx_encrypt.plugin, dcpx_checksum.plugin):  # the ranks run without plugin autoload
+        dcpx.register_plugin(plugin)
+    rank = dist.get_rank()
+    enc = dcpx.transform("encrypt", keys={"k1": bytes(range(32))})
+    chain = ["zstd", enc, "checksum"]
+
+    def state(step: int, own_rows: int = 40) -> dict[str, Any]:
+        sd = replicated_state()
+        sd["emb"] = sd["emb"] + step  # new values, same plan
+        sd["cfg"] = {**sd["cfg"], "step": step}
+        sd[f"own{rank}"] = torch.arange(own_rows * 3, dtype=torch.float32).reshape(own_rows, 3) * (rank + step)
+        return sd
+
+    def save(where: str, sd: dict[str, Any]) -> None:
+        dcp.save(sd, storage_writer=dcpx.FileSystemWriter(where, transforms=chain, chunk_size=CHUNK),
+                 planner=DefaultSavePlanner(enable_plan_caching=True, dedup_save_to_lowest_rank=True))
+        dist.barrier()
+
+    def check(where: str, sd: dict[str, Any]) -> None:
+        dest = blank(sd)
+        dcp.load(dest, storage_reader=dcpx.FileSystemReader(where, transforms=[enc], require=["encrypt"]))
+        assert_same(dest, sd)
+        if rank == 0:
+            bad = [c for c in verify_checkpoint(where, transforms=[enc]) if c.status != "ok"]
+            assert not bad, bad
+        dist.barrier()
+
     first, second = os.path.join(path, "first"), os.path.join(path, "second")
-    dcp.save(sd, storage_writer=writer(first), planner=DefaultSavePlanner(enable_plan_caching=True))
-    try:
-        dcp.save(sd, storage_writer=writer(second), planner=DefaultSavePlanner(enable_plan_caching=True))
-    except CheckpointException as exc:
-        assert "enable_plan_caching=True" in str(exc), exc
-    else:
-        raise AssertionError("a cached plan of an earlier save was written")
-    dist.barrier()
-    assert not os.path.exists(os.path.join(second, ".metadata"))
-    dest = blank(sd)
-    dcp.load(dest, storage_reader=reader(first))
-    assert_same(dest, replicated_state())
+    save(first, state(1))  # nothing cached yet: planned as usual
+    check(first, state(1))
+    save(second, state(2))  # every rank's plan is cached: each rank writes under an id of its own
+    check(second, state(2))
+    check(first, state(1))
+    save(first, state(3))  # cached plans, over the committed checkpoint in place
+    check(first, state(3))
+    rows = 50 if rank == 0 else 40  # rank 0's plan changes, rank 1's stays cached
+    save(second, state(4, rows))
+    check(second, state(4, rows))
+    for where in (first, second):  # each save removed the files of the checkpoint it replaced
+        names = {n for n in os.listdir(where) if n.endswith(".distcp")}
+        used = {info.relative_path for info in dcpx.reader.load_metadata(where)[0].storage_data.values()}
+        assert names == used, (where, sorted(names - used))
 
 
 SCENARIOS: dict[str, Callable[[str], None]] = {
