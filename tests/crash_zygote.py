@@ -33,11 +33,11 @@ def arm(phase: str) -> None:
     write, remove = commit.write_atomic, commit.remove_files
     calls = {"write": 0}
 
-    def write_atomic(directory, name, data, tmp_name, sync):  # type: ignore[no-untyped-def]
+    def write_atomic(directory, name, data, tmp_name, sync, what):  # type: ignore[no-untyped-def]
         calls["write"] += 1
         if (phase, calls["write"]) in (("before-manifest", 1), ("before-metadata", 2)):
             die()
-        write(directory, name, data, tmp_name, sync)
+        write(directory, name, data, tmp_name, sync, what)
         if (phase, calls["write"]) == ("after-metadata", 2):
             die()
 

@@ -173,6 +173,42 @@ def test_io_error_at_every_write_leaves_previous_intact(committed, monkeypatch):
     _assert_no_leftovers(committed)
 
 
+_FILE_SIZE_LIMITED = r"""
+import errno, json, resource, signal, sys
+import torch, dcpx
+path, case = sys.argv[1], sys.argv[2]
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+if case == "data":  # one tensor larger than any file may grow, compressed or not
+    sd = {"big": torch.randn(1 << 19)}
+else:  # small tensors whose manifest is larger than any file may grow
+    sd = {f"t{i}": torch.full((4,), float(i)) for i in range(8000)}
+try:
+    dcpx.save(sd, path, transforms=["zstd"], sync_files=False)
+except OSError as exc:
+    print(json.dumps({"type": type(exc).__name__, "errno": exc.errno, "message": str(exc)}))
+"""
+
+
+@pytest.mark.parametrize("case, what", [("data", "data file"), ("manifest", "manifest")])
+def test_a_write_the_system_refuses(committed, case, what):
+    """A real failed write (a file-size limit makes the kernel refuse it with EFBIG):
+    ``WriteError``, an ``OSError`` with the kernel's errno that names the file and says the
+    save was not committed; the previous checkpoint loads and nothing is left behind."""
+    import errno
+
+    env = os.environ | {"DCPX_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    done = subprocess.run([sys.executable, "-c", _FILE_SIZE_LIMITED, str(committed), case],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.stdout, done.stderr
+    failure = json.loads(done.stdout)
+    assert failure["type"] == "WriteError" and failure["errno"] == errno.EFBIG, failure
+    assert f"writing the {what} failed" in failure["message"] and str(committed) in failure["message"], failure
+    assert "not committed" in failure["message"]
+    assert _load_values(committed) == {1.0}
+    _assert_no_leftovers(committed)
+
+
 def test_concurrent_save_is_refused(committed):
     lock = commit.SaveLock(str(committed))
     lock.busy = True  # a save that is writing or committing right now

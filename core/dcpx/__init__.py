@@ -18,6 +18,7 @@ from .errors import (
     StateDictMismatchError,
     UnknownTransformError,
     UnsafeCheckpointError,
+    WriteError,
 )
 from .hookspecs import hookimpl, hookspec
 from .descriptor import Descriptor, format_descriptor, parse as parse_descriptor
@@ -104,6 +105,7 @@ __all__ = [
     "Transform",
     "UnknownTransformError",
     "UnsafeCheckpointError",
+    "WriteError",
     "format_descriptor",
     "hookimpl",
     "hookspec",

@@ -20,7 +20,7 @@ import stat
 import threading
 from typing import Iterable
 
-from .errors import CommitError
+from .errors import CommitError, DcpxError, WriteError
 
 METADATA = ".metadata"
 METADATA_FILE = re.compile(r"^(__\d+)?\.metadata$")  # global, or one rank's own (no collectives)
@@ -50,15 +50,34 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_atomic(directory: str, name: str, data: bytes, tmp_name: str, sync: bool) -> None:
-    """Write ``data`` to ``directory/name`` via a temporary file and one rename."""
+def write_failure(exc: BaseException, path: str, what: str) -> BaseException:
+    """A failed write of ``path`` (``what`` it is) as a ``WriteError`` that says what
+    happened to the save; ``exc`` itself unless it is an ``OSError`` of the system's."""
+    if not isinstance(exc, OSError) or isinstance(exc, DcpxError):
+        return exc
+    full = " (the file system is full: free space or save elsewhere)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    error = WriteError(
+        exc.errno, f"{path}: writing the {what} failed: {exc.strerror or exc}{full}. This save was not "
+        "committed; a checkpoint committed at this path before it is intact"
+    )
+    error.__cause__ = exc
+    return error
+
+
+def write_atomic(directory: str, name: str, data: bytes, tmp_name: str, sync: bool, what: str) -> None:
+    """Write ``data`` to ``directory/name`` via a temporary file and one rename.  A
+    ``WriteError`` means the rename did not happen, and no temporary file is left."""
     tmp = os.path.join(directory, tmp_name)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if sync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(directory, name))
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(directory, name))
+    except OSError as exc:
+        remove_files(directory, [tmp_name])
+        raise write_failure(exc, os.path.join(directory, name), what) from exc
     if sync:
         fsync_dir(directory)
 

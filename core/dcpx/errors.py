@@ -51,3 +51,8 @@ class PolicyError(DcpxError):
 
 class CommitError(DcpxError, RuntimeError):
     """A save could not be committed, or another save holds the checkpoint path."""
+
+
+class WriteError(DcpxError, OSError):
+    """The system refused a save's write (the disk full, a quota, an I/O error); an
+    ``OSError`` with the original ``errno``, naming the file.  Nothing was committed."""

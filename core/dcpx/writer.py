@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from . import commit, digest, manifest
-from .errors import CommitError, ConfigError
+from .errors import CommitError, ConfigError, WriteError
 from .framing import RAW_DESCRIPTOR
 from .gc_pause import gc_paused
 from .checkpoint_files import metadata_files
@@ -166,7 +166,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
                 try:
                     out = self._write_file(name, items, planner, data.checkpoint_id)
                 except BaseException as exc:  # reported to DCP through the future below
-                    errors.append(exc)
+                    errors.append(commit.write_failure(exc, os.path.join(self.path, name), "data file"))
                     return
                 with lock:
                     results.extend(out)
@@ -320,9 +320,14 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         data = manifest.dumps(body, keyed[2] if keyed is not None else None)
         if self._scope is not None:
             self._scope.begin_commit(checkpoint_id, self.sync_files)
-        commit.write_atomic(self.path, man_name, data, man_name + ".tmp", self.sync_files)
         md_name = commit.metadata_name(self._own_rank())
-        commit.write_atomic(self.path, md_name, md_bytes, commit.metadata_tmp_name(checkpoint_id), self.sync_files)
+        try:
+            commit.write_atomic(self.path, man_name, data, man_name + ".tmp", self.sync_files, "manifest")
+            commit.write_atomic(self.path, md_name, md_bytes, commit.metadata_tmp_name(checkpoint_id), self.sync_files,
+                                "checkpoint metadata")
+        except WriteError:  # .metadata was not replaced: this save's files go now, not at the next save
+            commit.remove_files(self.path, sorted({r.file for r in records} | {man_name}))
+            raise
         if self._scope is not None:
             self._scope.clean_after_commit({r.file for r in records} | {man_name})
 
