@@ -105,6 +105,8 @@ class ReadJob:
             named = copy.copy(exc)  # keeps a plugin error's attributes (digests, key ids)
             named.args = (f"{self.where}: {exc}",)
             raise named from exc
+        except OSError as exc:  # the system refused a read (an I/O error): say where
+            raise CheckpointFormatError(f"{self.where}: cannot read the data file: {exc}") from exc
 
     # dcpx items: raw bytes or framed chunks -------------------------------------------
     def _native(self, target: torch.Tensor | None) -> Any:
