@@ -104,3 +104,71 @@ def test_entries_are_decoded_as_the_planner_takes_them(tmp_path: Path, toys: Any
         assert decoded == set(names[:k + 1]), f"when {fqn} was handed over, {sorted(decoded)} were decoded"
     assert all(dest[n] == sd[n] for n in names)
     assert all(torch.equal(dest[f"w{i}"], sd[f"w{i}"]) for i in range(6))
+
+
+class TrainState:
+    """DCP's idiom for extra state: a ``Stateful`` that hands over an ``io.BytesIO``."""
+
+    def __init__(self, losses: list[float]) -> None:
+        self.losses = losses
+
+    def state_dict(self) -> dict[str, Any]:
+        buffer = io.BytesIO()
+        torch.save(self.losses, buffer)
+        return {"losses": buffer, "empty": io.BytesIO(), "step": len(self.losses)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict["losses"].seek(0)
+        self.losses = torch.load(state_dict["losses"])
+        assert state_dict["empty"].getvalue() == b""
+
+
+@pytest.mark.parametrize("transforms", [None, ["zstd"]])
+def test_bytesio_entries_load_through_every_planner(tmp_path: Path, transforms: Any) -> None:
+    """``io.BytesIO`` values (torch's weights-only unpickler refuses the class) load under
+    torch's planner, a planner with its own ``load_bytes`` and ``dcpx.load``."""
+    losses = [0.5, 0.25, 0.125] * 100
+    dcp.save({"train": TrainState(losses), "w": torch.ones(3)},
+             storage_writer=dcpx.FileSystemWriter(tmp_path, transforms=transforms))
+    state = TrainState([])
+    dcp.load({"train": state, "w": torch.zeros(3)}, storage_reader=dcpx.FileSystemReader(tmp_path))
+    assert state.losses == losses
+    planner = OwnLoadBytes()
+    dcp.load({"train": TrainState([]).state_dict()}, storage_reader=dcpx.FileSystemReader(tmp_path), planner=planner)
+    assert planner.got["train.step"] == 300
+    state = TrainState([])
+    dcpx.load({"train": state}, tmp_path)
+    assert state.losses == losses
+
+
+def _entry_pickle(payload: bytes) -> bytes:
+    """A protocol-2 pickle of an io.BytesIO whose state is built by ``payload`` opcodes."""
+    return b"\x80\x02c_io\nBytesIO\nq\x00)\x81q\x01" + payload + b"b."
+
+
+@pytest.mark.parametrize("payload, refusal", [
+    # another codec could be asked to import its module
+    (b"c_codecs\nencode\nX\x01\x00\x00\x00xX\x05\x00\x00\x00rot13\x86RK\x00N\x87", "encoding 'rot13'"),
+    # bytes(10**9) allocates a gigabyte from a 40-byte pickle
+    (b"c__builtin__\nbytes\nJ\x00\xca\x9a;\x85RK\x00N\x87", "takes 0 positional arguments"),
+    # a global beside the buffer
+    (b"X\x00\x00\x00\x00K\x00cos\nsystem\nX\x02\x00\x00\x00id\x85R\x87", "refusing to load os.system"),
+])
+def test_bytesio_entries_admit_nothing_else(payload: bytes, refusal: str) -> None:
+    """The buffer allowance is for buffers: an entry that uses it to reach anything more is
+    refused, as any other entry torch's weights-only unpickler refuses."""
+    import zipfile
+
+    from dcpx.safe_pickle import BUFFER_GLOBALS, load_weights_only, safe_loads
+
+    pickled = _entry_pickle(payload)
+    with pytest.raises(dcpx.UnsafeCheckpointError, match=refusal):
+        safe_loads(pickled, "entry", BUFFER_GLOBALS)
+    archive, forged = io.BytesIO(), io.BytesIO()
+    torch.save(io.BytesIO(b"ok"), archive)
+    with zipfile.ZipFile(io.BytesIO(archive.getvalue())) as src, zipfile.ZipFile(forged, "w") as dst:
+        for info in src.infolist():
+            data = pickled if info.filename.endswith("/data.pkl") else src.read(info)
+            dst.writestr(info.filename, data, compress_type=zipfile.ZIP_STORED)
+    with pytest.raises(dcpx.UnsafeCheckpointError, match="non-tensor entry refused"):
+        load_weights_only(forged.getvalue(), "entry")

@@ -54,6 +54,35 @@ _ALLOWED: set[tuple[str, str]] = {
 }
 _TORCH_ATTRS = (torch.dtype, torch.layout, torch.memory_format)
 
+
+def _latin1_encode(text: Any, encoding: Any = "utf-8", errors: Any = "strict") -> bytes:
+    """``_codecs.encode`` as pickle protocol 2 uses it to store bytes, and nothing more
+    (another codec could be asked to import its module)."""
+    if type(text) is not str or encoding not in ("latin1", "latin-1") or errors != "strict":
+        raise UnsafeCheckpointError(f"refusing _codecs.encode with encoding {encoding!r:.40}: pickles store bytes as latin1")
+    return text.encode("latin1")
+
+
+def _empty_bytes() -> bytes:
+    """``bytes()`` as pickle protocol 2 stores ``b""`` (``bytes(n)`` would allocate n bytes)."""
+    return b""
+
+
+# what a global admitted through ``extra`` resolves to, where not the global itself
+_SUBSTITUTES: dict[tuple[str, str], Any] = {
+    ("_codecs", "encode"): _latin1_encode,
+    ("__builtin__", "bytes"): _empty_bytes,
+    ("builtins", "bytes"): _empty_bytes,
+}
+# DCP's idiom for arbitrary extra state is an ``io.BytesIO`` value, which its save planner
+# pickles (protocol 2, as torch.save does) as an object; torch's weights-only unpickler
+# refuses the class.  A buffer of bytes runs no code, so entries of plain values and buffers
+# are read with these admitted too.
+BUFFER_GLOBALS = frozenset(
+    {("_io", "BytesIO"), *_SUBSTITUTES}
+    | {("__builtin__", n) for n in ("set", "frozenset", "tuple", "list", "dict", "complex")}
+)
+
 # Tuples hash their items recursively in C with no depth check: a 200 KB pickle of tuples
 # nested 200,000 deep crashes the interpreter the moment one is used as a dict key.  DCP
 # metadata nests tuples two or three deep.
@@ -82,6 +111,8 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         self._build_budget = _BUILT_PER_BYTE * size + _BUILT_FLOOR
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._extra and (module, name) in _SUBSTITUTES:
+            return _SUBSTITUTES[module, name]
         if (module, name) in _ALLOWED or (module, name) in self._extra:
             found = super().find_class(module, name)
             if isinstance(found, type) and not issubclass(found, enum.Enum):
@@ -279,15 +310,36 @@ def load_weights_only(data: bytes | io.BytesIO, where: str, map_location: Any = 
     class the user allowed with ``torch.serialization.add_safe_globals``."""
     stream = data if isinstance(data, io.BytesIO) else io.BytesIO(data)
     check_stored_archive(stream, where)
+    start = stream.tell()
     try:
         return torch.load(stream, weights_only=True, map_location=map_location)
     except Exception as exc:
+        if "_io.BytesIO" in weights_only_reason(str(exc)):
+            stream.seek(start)
+            found = _load_buffers(stream, where)
+            if found is not None:
+                return found[0]
         raise UnsafeCheckpointError(
             f"{where}: non-tensor entry refused: it does not load with torch.load(weights_only=True) "
             f"({weights_only_reason(str(exc))}); allow trusted classes with "
             "torch.serialization.add_safe_globals, or read a checkpoint you trust with "
             "FileSystemReader(..., weights_only=False)"
         ) from exc
+
+
+def _load_buffers(stream: IO[bytes], where: str) -> tuple[Any] | None:
+    """A ``torch.save`` archive that holds no tensors, only plain values and ``io.BytesIO``
+    buffers, unpickled with the allow-list unpickler (``BUFFER_GLOBALS`` admitted), as a
+    1-tuple; None where it holds anything else (the caller keeps torch's refusal)."""
+    try:
+        with zipfile.ZipFile(stream) as archive:  # members are stored, not compressed (checked)
+            names = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+            if len(names) != 1:
+                return None
+            pickled = archive.read(names[0])
+        return (safe_loads(pickled, where, BUFFER_GLOBALS),)
+    except Exception:
+        return None
 
 
 def weights_only_reason(text: str) -> str:
