@@ -101,7 +101,8 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         self._plan: PlanData | None = None
         self._scope: SaveScope | None = None  # set while a save holds the directory
         self._planning = SavePlanning()
-        self.save_id = uuid.uuid4().hex  # a new one for every save (see _new_plan_data)
+        # the id the last save committed, where this rank knows it (see write_data)
+        self.save_id: str | None = uuid.uuid4().hex
 
     # -- StorageWriter protocol -------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
@@ -153,7 +154,9 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         except BaseException:
             self._release()
             raise
-        self._plan, self.save_id = data, data.checkpoint_id
+        # a rank that drew an id of its own cannot know the one the coordinator commits: dcp.save
+        # returns it on every rank (``metadata.storage_meta.save_id``)
+        self._plan, self.save_id = data, None if data.own_id else data.checkpoint_id
         files = self._assign_files(plan.items, data)
         results: list[WriteResult] = []
         errors: list[BaseException] = []

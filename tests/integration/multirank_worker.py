@@ -215,8 +215,13 @@ def plan_caching(path: str) -> None:
         return sd
 
     def save(where: str, sd: dict[str, Any]) -> None:
-        dcp.save(sd, storage_writer=dcpx.FileSystemWriter(where, transforms=chain, chunk_size=CHUNK),
-                 planner=DefaultSavePlanner(enable_plan_caching=True, dedup_save_to_lowest_rank=True))
+        writer = dcpx.FileSystemWriter(where, transforms=chain, chunk_size=CHUNK)
+        metadata = dcp.save(sd, storage_writer=writer,
+                            planner=DefaultSavePlanner(enable_plan_caching=True, dedup_save_to_lowest_rank=True))
+        committed = dcpx.reader.load_metadata(where)[0].storage_meta.save_id
+        assert metadata.storage_meta.save_id == committed
+        # a rank that wrote a cached plan under an id of its own does not know the committed one
+        assert writer.save_id in (committed, None) and (writer.save_id is not None or rank != 0), writer.save_id
         dist.barrier()
 
     def check(where: str, sd: dict[str, Any]) -> None:
