@@ -159,7 +159,8 @@ def test_bytesio_entries_admit_nothing_else(payload: bytes, refusal: str) -> Non
     refused, as any other entry torch's weights-only unpickler refuses."""
     import zipfile
 
-    from dcpx.safe_pickle import BUFFER_GLOBALS, load_weights_only, safe_loads
+    from dcpx.safe_pickle import BUFFER_GLOBALS, safe_loads
+    from dcpx.torch_archive import load_weights_only
 
     pickled = _entry_pickle(payload)
     with pytest.raises(dcpx.UnsafeCheckpointError, match=refusal):

@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
 
 from .errors import DcpxError, StateDictMismatchError
 from .non_tensor import store_entry
-from .safe_pickle import load_weights_only
+from .torch_archive import load_weights_only
 from .reader import FileSystemReader
 from .writer import FileSystemWriter
 

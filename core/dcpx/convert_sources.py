@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.planner import (
 from .errors import CheckpointFormatError, ConfigError, DcpxError, UnsafeCheckpointError
 from .reader import FileSystemReader
 from .checkpoint_files import open_regular
-from .safe_pickle import check_stored_archive, load_weights_only, weights_only_reason
+from .torch_archive import check_stored_archive, load_weights_only, weights_only_reason
 from .safetensors_io import _DTYPES as _SAFETENSORS_DTYPES, torch_shape
 from .tensor_bytes import nbytes_of
 

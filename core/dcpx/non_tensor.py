@@ -15,7 +15,7 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner import LoadPlanner, ReadItem
 
-from .safe_pickle import load_weights_only
+from .torch_archive import load_weights_only
 
 
 def store_entry(planner: DefaultLoadPlanner, req: ReadItem, obj: Any) -> None:

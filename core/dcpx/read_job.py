@@ -23,7 +23,7 @@ from .errors import CheckpointFormatError, DcpxError
 from .framing import FOOTER, FRAME_DESCRIPTOR, MARKERS, RAW_DESCRIPTOR, FrameIndex, parse_footer, parse_index
 from .manifest import SAVE_ID_RECORD
 from .pipeline import BoundChain, ItemDigests, codec_pool, decode_range
-from .safe_pickle import check_stored_archive, weights_only_reason
+from .torch_archive import check_stored_archive, weights_only_reason
 from .safetensors_io import starts_safetensors_file
 from .tensor_bytes import element_size, region, writable_bytes
 from .transform import ItemInfo, read_bounded

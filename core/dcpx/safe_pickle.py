@@ -12,12 +12,11 @@ from __future__ import annotations
 import enum
 import io
 import pickle
-import zipfile
-from typing import IO, Any, Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
-from .errors import CheckpointFormatError, UnsafeCheckpointError
+from .errors import UnsafeCheckpointError
 from .gc_pause import gc_paused
 
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
@@ -273,82 +272,3 @@ def plugin_safe_globals() -> set[tuple[str, str]]:
     for pairs in host().pm.hook.dcpx_safe_globals():
         extra.update((str(m), str(n)) for m, n in pairs or ())
     return extra
-
-
-def check_stored_archive(stream: IO[bytes], where: str) -> None:
-    """Refuse a ``torch.save`` zip archive whose members are compressed.  ``torch.save``
-    stores them as they are, but ``torch.load`` inflates a DEFLATE member whole before any
-    check: a 1 MB item could claim a gigabyte.  Stored members hold no more than the item.
-    A zip archive this check cannot read is refused too (torch's own zip reader might read
-    it, and inflate it); anything else is left to ``torch.load`` to judge."""
-    start = stream.tell()
-    is_zip = stream.read(4) == b"PK\x03\x04"
-    stream.seek(start)
-    try:
-        with zipfile.ZipFile(stream) as archive:
-            packed = next((i for i in archive.infolist()
-                           if i.compress_type != zipfile.ZIP_STORED or i.file_size != i.compress_size), None)
-    except Exception as exc:  # zipfile raises many types on damaged input (NotImplementedError too)
-        if is_zip:
-            raise CheckpointFormatError(f"{where}: damaged torch.save archive ({type(exc).__name__}: {exc})") from exc
-        packed = None
-    finally:
-        stream.seek(start)
-    if packed is not None:
-        raise UnsafeCheckpointError(
-            f"{where}: torch.save archive member {packed.filename!r:.80} is compressed "
-            f"({packed.compress_size} bytes that claim {packed.file_size}); torch.save never compresses, "
-            "and inflating it would be unbounded"
-        )
-
-
-def load_weights_only(data: bytes | io.BytesIO, where: str, map_location: Any = None) -> Any:
-    """``torch.load(weights_only=True)`` of a non-tensor entry; a refusal is an
-    ``UnsafeCheckpointError`` naming the entry.
-
-    torch's restricted unpickler admits tensors, containers and primitive values, plus any
-    class the user allowed with ``torch.serialization.add_safe_globals``."""
-    stream = data if isinstance(data, io.BytesIO) else io.BytesIO(data)
-    check_stored_archive(stream, where)
-    start = stream.tell()
-    try:
-        return torch.load(stream, weights_only=True, map_location=map_location)
-    except Exception as exc:
-        if "_io.BytesIO" in weights_only_reason(str(exc)):
-            stream.seek(start)
-            found = _load_buffers(stream, where)
-            if found is not None:
-                return found[0]
-        raise UnsafeCheckpointError(
-            f"{where}: non-tensor entry refused: it does not load with torch.load(weights_only=True) "
-            f"({weights_only_reason(str(exc))}); allow trusted classes with "
-            "torch.serialization.add_safe_globals, or read a checkpoint you trust with "
-            "FileSystemReader(..., weights_only=False)"
-        ) from exc
-
-
-def _load_buffers(stream: IO[bytes], where: str) -> tuple[Any] | None:
-    """A ``torch.save`` archive that holds no tensors, only plain values and ``io.BytesIO``
-    buffers, unpickled with the allow-list unpickler (``BUFFER_GLOBALS`` admitted), as a
-    1-tuple; None where it holds anything else (the caller keeps torch's refusal)."""
-    try:
-        with zipfile.ZipFile(stream) as archive:  # members are stored, not compressed (checked)
-            names = [n for n in archive.namelist() if n.endswith("/data.pkl")]
-            if len(names) != 1:
-                return None
-            pickled = archive.read(names[0])
-        return (safe_loads(pickled, where, BUFFER_GLOBALS),)
-    except Exception:
-        return None
-
-
-def weights_only_reason(text: str) -> str:
-    """The one informative sentence of torch's multi-paragraph weights-only error: the
-    refused global."""
-    detail = text.partition("WeightsUnpickler error:")[2].partition("Check the documentation")[0]
-    reason = " ".join(detail.split()).split(". ")[0]
-    if reason:
-        return reason
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    telling = [line for line in lines if "GLOBAL" in line or "nsupported" in line]
-    return (telling or lines or ["it holds objects other than tensors and plain values"])[0]
