@@ -10,6 +10,8 @@ import pickle
 import shutil
 import signal
 import struct
+import subprocess
+import sys
 import threading
 import zipfile
 from pathlib import Path
@@ -680,6 +682,39 @@ def test_metadata_copying_one_string_over_and_over(ckpt: Path, watchdog: dict[st
     (ckpt / ".metadata").write_bytes(blob)
     expect_metadata_refusal(ckpt, dcpx.UnsafeCheckpointError, ".metadata", "builds far more than")
     load_fails(ckpt, watchdog)
+
+
+_A_MIB = b"X" + struct.pack("<I", 1 << 20) + b"a" * (1 << 20)  # a 1 MiB string
+
+
+@pytest.mark.parametrize("blob, needle", [
+    # BUILD planting a callable that a later opcode calls: APPENDS calls obj.extend
+    (b"\x80\x02ctorch.distributed.checkpoint.metadata\nMetadata\n)\x81}X\x06\x00\x00\x00extendcbuiltins\nlist\nsb"
+     b"(K\x01K\x02e.", "refusing to set attribute 'extend'"),
+    # BUILD setting __class__ through slot state turns the object into another class
+    (b"\x80\x02ctorch.distributed.checkpoint.metadata\nMetadata\n)\x81N}X\t\x00\x00\x00__class__"
+     b"cpathlib\nPosixPath\ns\x86b.", "refusing to set attribute '__class__'"),
+    # complex() of a million digits takes seconds; pickles build complex from two numbers
+    (b"\x80\x02cbuiltins\ncomplex\nX" + struct.pack("<I", 1 << 20) + b"1" * (1 << 20) + b"\x85R.",
+     "complex"),
+    # PosixPath(*[s] * 2000) holds 2000 references to one string and joins them when used
+    (b"\x80\x02cpathlib\nPosixPath\n" + _A_MIB + b"q\x010(" + b"h\x01" * 2000 + b"tR.", "builds far more than"),
+], ids=["planted-callable", "class-swap", "complex-digits", "path-of-copies"])
+def test_metadata_calls_that_do_more_than_build_data(ckpt: Path, watchdog: dict[str, bool], blob: bytes,
+                                                     needle: str) -> None:
+    (ckpt / ".metadata").write_bytes(blob)
+    expect_metadata_refusal(ckpt, dcpx.UnsafeCheckpointError, ".metadata", needle)
+    load_fails(ckpt, watchdog)
+
+
+def test_metadata_naming_a_torch_submodule_imports_nothing() -> None:
+    """torch's module ``__getattr__`` imports submodules on first access: a refused global
+    ``torch._inductor`` must not import the compiler stack (hundreds of modules)."""
+    code = ("import sys, dcpx.safe_pickle as p\n"
+            "try:\n    p.safe_loads(b'\\x80\\x02ctorch\\n_inductor\\n.', 'x')\n"
+            "except p.UnsafeCheckpointError:\n    print('torch._inductor' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stdout + done.stderr
 
 
 def test_metadata_bytearray_longer_than_the_file(ckpt: Path, watchdog: dict[str, bool]) -> None:

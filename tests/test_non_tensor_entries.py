@@ -153,6 +153,8 @@ def _entry_pickle(payload: bytes) -> bytes:
     (b"c__builtin__\nbytes\nJ\x00\xca\x9a;\x85RK\x00N\x87", "takes 0 positional arguments"),
     # a global beside the buffer
     (b"X\x00\x00\x00\x00K\x00cos\nsystem\nX\x02\x00\x00\x00id\x85R\x87", "refusing to load os.system"),
+    # a callable planted in the buffer's __dict__, which ADDITEMS would then call
+    (b"X\x00\x00\x00\x00K\x00}X\x03\x00\x00\x00addc__builtin__\nlist\ns\x87", "refusing to set attribute 'add'"),
 ])
 def test_bytesio_entries_admit_nothing_else(payload: bytes, refusal: str) -> None:
     """The buffer allowance is for buffers: an entry that uses it to reach anything more is
@@ -173,3 +175,27 @@ def test_bytesio_entries_admit_nothing_else(payload: bytes, refusal: str) -> Non
             dst.writestr(info.filename, data, compress_type=zipfile.ZIP_STORED)
     with pytest.raises(dcpx.UnsafeCheckpointError, match="non-tensor entry refused"):
         load_weights_only(forged.getvalue(), "entry")
+
+
+def test_buffers_copied_from_one_string_over_and_over() -> None:
+    """BUILD copies a buffer's state into it: a memoised 1 MiB string set into 200 new
+    buffers (7 bytes of pickle each) is refused by the budget, not copied 200 times."""
+    from dcpx.safe_pickle import BUFFER_GLOBALS, safe_loads
+
+    big = b"X" + (1 << 20).to_bytes(4, "little") + b"a" * (1 << 20)
+    encode = b"c_codecs\nencode\n" + big + b"X\x06\x00\x00\x00latin1\x86RK\x00N\x87q\x09"
+    pickled = b"\x80\x02c_io\nBytesIO\nq\x00" + encode + b"0]" + b"h\x00)\x81h\x09ba" * 200 + b"."
+    with pytest.raises(dcpx.UnsafeCheckpointError, match="builds far more than"):
+        safe_loads(pickled, "entry", BUFFER_GLOBALS)
+
+
+def test_empty_bytes_entries_load() -> None:
+    """Pickle protocol 2 stores ``b""`` as a call of ``bytes``, which torch's weights-only
+    unpickler refuses; such entries load like the buffers they usually come with."""
+    from dcpx.torch_archive import load_weights_only
+
+    for value in ({"empty": b""}, [io.BytesIO(b"a"), b""]):
+        archive = io.BytesIO()
+        torch.save(value, archive)
+        got = load_weights_only(archive.getvalue(), "entry")
+        assert (got == value) if isinstance(value, dict) else (got[0].getvalue(), got[1]) == (b"a", b"")

@@ -62,13 +62,23 @@ def _latin1_encode(text: Any, encoding: Any = "utf-8", errors: Any = "strict") -
     return text.encode("latin1")
 
 
+def _complex(real: Any = 0.0, imag: Any = 0.0) -> complex:
+    """``complex`` as pickles build it, from two numbers (from a string of a million digits
+    it would take seconds)."""
+    if type(real) not in (int, float) or type(imag) not in (int, float):
+        raise UnsafeCheckpointError("refusing complex() of anything but two numbers")
+    return complex(real, imag)
+
+
 def _empty_bytes() -> bytes:
     """``bytes()`` as pickle protocol 2 stores ``b""`` (``bytes(n)`` would allocate n bytes)."""
     return b""
 
 
-# what a global admitted through ``extra`` resolves to, where not the global itself
+# what an admitted global resolves to, where not the global itself
 _SUBSTITUTES: dict[tuple[str, str], Any] = {
+    ("builtins", "complex"): _complex,
+    ("__builtin__", "complex"): _complex,
     ("_codecs", "encode"): _latin1_encode,
     ("__builtin__", "bytes"): _empty_bytes,
     ("builtins", "bytes"): _empty_bytes,
@@ -110,15 +120,17 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         self._build_budget = _BUILT_PER_BYTE * size + _BUILT_FLOOR
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self._extra and (module, name) in _SUBSTITUTES:
+        admitted = (module, name) in _ALLOWED or (module, name) in self._extra
+        if admitted and (module, name) in _SUBSTITUTES:
             return _SUBSTITUTES[module, name]
-        if (module, name) in _ALLOWED or (module, name) in self._extra:
+        if admitted:
             found = super().find_class(module, name)
             if isinstance(found, type) and not issubclass(found, enum.Enum):
                 self._buildable.add(found)
             return found
-        if module == "torch" and isinstance(getattr(torch, name, None), _TORCH_ATTRS):
-            return getattr(torch, name)
+        # vars(), not getattr: torch's module __getattr__ imports submodules on demand
+        if module == "torch" and isinstance(found := vars(torch).get(name), _TORCH_ATTRS):
+            return found
         raise UnsafeCheckpointError(
             f"{self._where}: refusing to load {module}.{name}; only DCP metadata types are allowed "
             f"(a plugin can allow its own types with the dcpx_safe_globals hook)"
@@ -135,7 +147,29 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
                 f"{self._where}: refusing to set attributes on {what}; metadata may only fill in "
                 "new objects of DCP metadata types"
             )
+        self._charge(self._state_cost(self.stack[-1]))  # a buffer's state is copied into it
         super().load_build()
+
+    def _state_cost(self, state: Any) -> int:
+        """Check what BUILD is to set, and return what it copies (as ``_cost`` counts it).
+        The attributes it sets must be data: a special name would change the object's class
+        or dict, and a callable would be what the stock handlers of later opcodes call
+        (``obj.append``, ``obj.add``, ``obj.__setstate__``) with whatever the pickle likes."""
+        cost = 0
+        for part in state if type(state) is tuple else (state,):  # (dict, slots), a buffer's (bytes, pos, dict)
+            if type(part) is not dict:
+                cost += len(part) if isinstance(part, _SIZED) else 0
+                continue
+            cost += len(part)
+            for key, value in part.items():
+                if type(key) is not str or key.startswith("__") or callable(value):
+                    raise UnsafeCheckpointError(
+                        f"{self._where}: refusing to set attribute {key!r:.60} to a {type(value).__qualname__}; "
+                        "metadata sets data attributes only"
+                    )
+                if isinstance(value, _SIZED):
+                    cost += len(value)
+        return cost
 
     def _load_bytearray8(self) -> None:
         """The stock handler allocates and zeroes the declared length before reading it: a
@@ -173,16 +207,19 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
                 raise UnsafeCheckpointError(f"{self._where}: tuples nested more than {MAX_TUPLE_NESTING} deep")
             nested[id(value)] = (value, inner + 1)
 
+    def _charge(self, amount: int) -> None:
+        self._build_budget -= amount
+        if self._build_budget < 0:
+            raise UnsafeCheckpointError(
+                f"{self._where}: the pickle builds far more than its {self._size} bytes hold "
+                "(containers copied over and over: forged)"
+            )
+
     def _admit_built(self) -> None:
         """Charge what an allowed callable just returned (top of the stack) to the budget."""
         value = self.stack[-1]
         if isinstance(value, _SIZED):
-            self._build_budget -= len(value)
-            if self._build_budget < 0:
-                raise UnsafeCheckpointError(
-                    f"{self._where}: the pickle builds far more than its {self._size} bytes hold "
-                    "(containers copied over and over: forged)"
-                )
+            self._charge(len(value))
             if type(value) is tuple:
                 self._admit_tuple(value)
 
@@ -242,16 +279,38 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         raise UnsafeCheckpointError(f"{self._where}: persistent ids are not allowed in checkpoint metadata")
 
 
-def _charging(handler: Callable[[Any], None]) -> Callable[[_RestrictedUnpickler], None]:
+def _cost(value: Any) -> int:
+    """What a call may copy out of ``value``: its length and that of each element, one level
+    deep (``PosixPath(*[s] * n)`` joins n copies of one memoised string)."""
+    kind = type(value)
+    if kind is dict:
+        value = value.values()
+    elif kind is not tuple and kind is not list:
+        return len(value) if isinstance(value, _SIZED) else 0
+    cost = len(value)
+    for element in value:
+        if isinstance(element, _SIZED):
+            cost += len(element)
+    return cost
+
+
+def _charging(handler: Callable[[Any], None], args: Callable[[list[Any]], Any]) -> Callable[[_RestrictedUnpickler], None]:
+    """``handler`` with the arguments it is about to call with (``args`` of the stack)
+    charged to the budget before the call, and what it returns after."""
     def run(self: _RestrictedUnpickler) -> None:
+        self._build_budget -= _cost(args(self.stack))
+        if self._build_budget < 0:
+            self._charge(0)  # raises
         handler(self)
         self._admit_built()
     return run
 
 
-# the opcodes that call an allowed callable and push what it returns
-for _op in (pickle.REDUCE, pickle.NEWOBJ, pickle.NEWOBJ_EX, pickle.OBJ, pickle.INST):
-    _RestrictedUnpickler.dispatch[_op[0]] = _charging(_RestrictedUnpickler.dispatch[_op[0]])
+# the opcodes that call an allowed callable and push what it returns, with where its arguments are
+for _op, _args in ((pickle.REDUCE, lambda s: s[-1]), (pickle.NEWOBJ, lambda s: s[-1]),
+                   (pickle.NEWOBJ_EX, lambda s: (*s[-2], *s[-1].values())),
+                   (pickle.OBJ, lambda s: s), (pickle.INST, lambda s: s)):  # OBJ/INST: all since the mark
+    _RestrictedUnpickler.dispatch[_op[0]] = _charging(_RestrictedUnpickler.dispatch[_op[0]], _args)
 
 
 def safe_loads(data: bytes, where: str, extra: Iterable[tuple[str, str]] = ()) -> Any:
@@ -259,8 +318,10 @@ def safe_loads(data: bytes, where: str, extra: Iterable[tuple[str, str]] = ()) -
     try:
         with gc_paused():
             return _RestrictedUnpickler(io.BytesIO(data), len(data), where, set(extra)).load()
-    except UnsafeCheckpointError:
-        raise
+    except UnsafeCheckpointError as exc:
+        if str(exc).startswith(f"{where}:"):
+            raise
+        raise UnsafeCheckpointError(f"{where}: {exc}") from exc  # a substitute's refusal: say where
     except Exception as exc:  # truncated or garbled pickles raise many kinds of errors
         raise UnsafeCheckpointError(f"{where}: metadata is not a valid pickle ({type(exc).__name__}: {exc})") from exc
 

@@ -23,6 +23,9 @@ _LOCAL_HEADER = b"PK\x03\x04"
 _END = b"PK\x05\x06"  # end of central directory record, 22 bytes without a comment
 _END64 = b"PK\x06\x06"  # zip64 end record, which torch.save always writes
 _END64_LOCATOR = b"PK\x06\x07"  # 20 bytes, right before the end record
+# torch's weights-only refusals that the buffer unpickler may answer: io.BytesIO, and b""
+# (protocol 2 pickles it as a call of bytes, which torch refuses too)
+_BUFFER_REFUSALS = ("GLOBAL _io.BytesIO ", "GLOBAL bytes ", "GLOBAL builtins.bytes ", "GLOBAL __builtin__.bytes ")
 
 
 def check_stored_archive(stream: IO[bytes], where: str) -> None:
@@ -106,7 +109,8 @@ def load_weights_only(data: bytes | io.BytesIO, where: str, map_location: Any = 
     try:
         return torch.load(stream, weights_only=True, map_location=map_location)
     except Exception as exc:
-        if "_io.BytesIO" in weights_only_reason(str(exc)):
+        reason = weights_only_reason(str(exc)) + " "
+        if any(refusal in reason for refusal in _BUFFER_REFUSALS):
             stream.seek(start)
             found = _load_buffers(stream, where)
             if found is not None:
