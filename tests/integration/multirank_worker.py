@@ -192,8 +192,8 @@ def plan_caching(path: str) -> None:
     files).  Every save is still written as a new checkpoint through zstd, encrypt and
     checksum: into a new directory, over the committed one in place, and with the coordinator's
     plan changed while the other rank's stays cached (replicated entries are saved by rank 0,
-    so rank 1's plan holds only its own tensor).  Each loads back, verifies, and the checkpoint it
-    replaced in place was not damaged before the new one committed."""
+    so rank 1's plan holds only its own tensor).  Each loads back and verifies, the first
+    still loads after the second is saved, and no data file of a replaced one is left."""
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
     import dcpx_checksum.plugin
@@ -236,7 +236,7 @@ def plan_caching(path: str) -> None:
     first, second = os.path.join(path, "first"), os.path.join(path, "second")
     save(first, state(1))  # nothing cached yet: planned as usual
     check(first, state(1))
-    save(second, state(2))  # every rank's plan is cached: each rank writes under an id of its own
+    save(second, state(2))  # every plan is cached: rank 0 writes with the id it drew, rank 1 with its own
     check(second, state(2))
     check(first, state(1))
     save(first, state(3))  # cached plans, over the committed checkpoint in place
