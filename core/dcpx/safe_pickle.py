@@ -298,9 +298,7 @@ def _charging(handler: Callable[[Any], None], args: Callable[[list[Any]], Any]) 
     """``handler`` with the arguments it is about to call with (``args`` of the stack)
     charged to the budget before the call, and what it returns after."""
     def run(self: _RestrictedUnpickler) -> None:
-        self._build_budget -= _cost(args(self.stack))
-        if self._build_budget < 0:
-            self._charge(0)  # raises
+        self._charge(_cost(args(self.stack)))
         handler(self)
         self._admit_built()
     return run
