@@ -69,6 +69,7 @@ def results(work: Path) -> dict[str, Any]:
         "inspect_stock": Command(["inspect", "stock", "--json"]),
         "verify_stock": Command(["verify", "stock", "--quiet"], spawn=True),
         "verify_allow": Command(["verify", "stock", "--allow-missing", "--quiet"]),
+        "verify_full_stock": Command(["verify", "stock", "--full", "--allow-missing", "--quiet"]),
         "verify_missing_path": Command(["verify", "no_such_checkpoint"]),
         **{f"{cmd}_{case}": Command([cmd, case, *extra])
            for cmd, extra in (("inspect", []), ("verify", ["--quiet"]))
@@ -78,6 +79,7 @@ def results(work: Path) -> dict[str, Any]:
     if HAS_CHECKSUM:
         cmds["verify_ok"] = Command(["verify", "checked"])
         cmds["verify_damaged"] = Command(["verify", "damaged", "--json"])
+        cmds["verify_full"] = Command(["verify", "checked", "--full", "--quiet"])
     return run_all(cmds, work)
 
 
@@ -131,6 +133,12 @@ def test_verify_allow_missing(results: dict[str, Any]) -> None:
     assert "0 failed" in r.stdout and "missing" in r.stdout
 
 
+def test_verify_full_reads_every_stock_item(results: dict[str, Any]) -> None:
+    r = results["verify_full_stock"]
+    assert r.returncode == 0, r.stderr
+    assert "0 verified, 0 failed, 8 without a digest" in r.stdout
+
+
 def test_verify_bad_path_is_a_usage_error(results: dict[str, Any]) -> None:
     r = results["verify_missing_path"]
     assert r.returncode == 2
@@ -140,6 +148,13 @@ def test_verify_bad_path_is_a_usage_error(results: dict[str, Any]) -> None:
 @needs_checksum
 def test_verify_checksummed_checkpoint(results: dict[str, Any]) -> None:
     r = results["verify_ok"]
+    assert r.returncode == 0, r.stderr
+    assert "8 verified, 0 failed, 0 without a digest" in r.stdout
+
+
+@needs_checksum
+def test_verify_full_decodes_every_layer(results: dict[str, Any]) -> None:
+    r = results["verify_full"]
     assert r.returncode == 0, r.stderr
     assert "8 verified, 0 failed, 0 without a digest" in r.stdout
 

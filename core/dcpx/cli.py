@@ -79,7 +79,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             bar.total = total
             bar.refresh()
 
-        results = verify_checkpoint(args.path, on_item=lambda _c: bar.update(1), on_start=start)
+        results = verify_checkpoint(args.path, on_item=lambda _c: bar.update(1), on_start=start, full=args.full)
     failed = [r for r in results if r.status == "failed"]
     missing = [r for r in results if r.status == "missing"]
     ok = [r for r in results if r.status == "ok"]
@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every item's digest; exit 0 only if all verified")
     p.add_argument("path")
     p.add_argument("--allow-missing", action="store_true", help="accept (and list) items without a digest")
+    p.add_argument("--full", action="store_true", help="undo every layer of every item, as a load does (needs every key)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_verify, reads_checkpoint=True)

@@ -7,6 +7,10 @@ checksum's item digest) are checked against the chunks' records; an item stored 
 gets its bytes checked against the CRC-32C the manifest records.  Nothing is loaded into
 tensors.  Items with neither, or whose outermost check needs a key the reader lacks, are
 "missing".
+
+With ``full`` every layer is undone, as a load undoes them: what the outermost check cannot
+see (bytes damaged before they were checksummed, ciphertext bound to another checkpoint id,
+a stock item's archive) fails here instead of in the load.  That needs every key.
 """
 
 from __future__ import annotations
@@ -47,9 +51,11 @@ def verify_checkpoint(
     workers: int | None = None,
     on_item: Callable[[ItemCheck], None] | None = None,
     on_start: Callable[[int], None] | None = None,
+    full: bool = False,
 ) -> list[ItemCheck]:
     """Verify every item of the checkpoint at ``path``; never raises for a bad item.
-    ``on_start`` learns how many items there are once ``.metadata`` is read."""
+    ``on_start`` learns how many items there are once ``.metadata`` is read; ``full`` decodes
+    every layer of every item (see the module docstring)."""
     reader = FileSystemReader(path, transforms=transforms, workers=workers)
     metadata = reader.read_metadata()  # .metadata against the manifest, the manifest's HMAC as a load checks it
     reader.set_up_storage_reader(metadata, True)
@@ -59,7 +65,7 @@ def verify_checkpoint(
     results: list[ItemCheck] = []
     try:
         with ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="dcpx-verify") as pool:
-            for check in pool.map(lambda pair: _check(reader, files, *pair), _requests(metadata)):
+            for check in pool.map(lambda pair: _check(reader, files, *pair, full), _requests(metadata)):
                 results.append(check)
                 if on_item is not None:
                     on_item(check)
@@ -86,7 +92,7 @@ def _requests(metadata: Any) -> Iterator[tuple[MetadataIndex, ReadItem]]:
 _files_lock = threading.Lock()
 
 
-def _check(reader: FileSystemReader, files: DataFiles, index: MetadataIndex, req: ReadItem) -> ItemCheck:
+def _check(reader: FileSystemReader, files: DataFiles, index: MetadataIndex, req: ReadItem, full: bool) -> ItemCheck:
     info = reader.storage_data[index]
     offsets = tuple(index.offset) if index.offset is not None else None
     base = dict(fqn=index.fqn, shard_offsets=offsets, file=str(info.relative_path), stored_bytes=int(info.length or 0))
@@ -94,12 +100,12 @@ def _check(reader: FileSystemReader, files: DataFiles, index: MetadataIndex, req
         with _files_lock:
             job = reader.prepare(req, files)
         with job.file.use():
-            return _check_job(job, base)
+            return _check_job(job, base, full)
     except DcpxError as exc:
         return ItemCheck(status="failed", detail=str(exc), **base)
 
 
-def _check_job(job: ReadJob, base: dict[str, Any]) -> ItemCheck:
+def _check_job(job: ReadJob, base: dict[str, Any], full: bool) -> ItemCheck:
     """Check one prepared item, its data file open."""
     if job.descriptors == [RAW_DESCRIPTOR] and job.length == 0:
         return ItemCheck(status="ok", detail="empty tensor: no bytes stored", **base)
@@ -107,14 +113,19 @@ def _check_job(job: ReadJob, base: dict[str, Any]) -> ItemCheck:
         job.verify_stored()
         return ItemCheck(status="ok", detail="crc32c recorded in the manifest", **base)
     if not job.descriptors or job.descriptors[0] != FRAME_DESCRIPTOR:
+        if full and job.descriptors != [RAW_DESCRIPTOR]:  # a stock item: read it as a load would
+            job.run(_scratch(job))
+            return ItemCheck(status="missing", detail="decoded; no integrity transform", **base)
         return ItemCheck(status="missing", detail="no integrity transform", **base)
     index_, chain = job.frame(job.item_info().nbytes if job.is_tensor else None)
-    outer = [i for i, t in enumerate(chain.transforms) if t.verifies_integrity]
-    if not outer:
+    checks = [i for i, t in enumerate(chain.transforms) if t.verifies_integrity]
+    if not checks and not full:
         return ItemCheck(status="missing", detail="no integrity transform", **base)
-    depth = max(outer)  # innermost-first index of the outermost integrity layer
-    if holds_keys(chain.transforms[depth]) is False:
-        return ItemCheck(status="missing", detail=f"{chain.descriptors[depth]}: no key to check it with", **base)
+    depth = 0 if full else max(checks)  # innermost-first index of the last layer to undo
+    keyless = [i for i in range(depth, len(chain.transforms)) if holds_keys(chain.transforms[i]) is False]
+    if keyless:
+        return ItemCheck(status="missing", detail=f"{chain.descriptors[keyless[-1]]}: no key to "
+                         f"{'decode' if full else 'check'} it with", **base)
     item = job.item_info()
     digests = ItemDigests(chain, item, index_.count, job.records, stop=depth)
     for k, stored_at in enumerate(index_.stored_offsets()):
@@ -123,7 +134,18 @@ def _check_job(job: ReadJob, base: dict[str, Any]) -> ItemCheck:
         chunk = ChunkInfo(item, k, index_.count, start, end - start)
         decode_chunk(chain, job.pread(stored_at, sizes[-1]), chunk, sizes, stop=depth, digests=digests)
     digests.check()
-    return ItemCheck(status="ok", detail=_detail(chain.descriptors[depth], digests), **base)
+    if not checks:
+        return ItemCheck(status="missing", detail="decoded; no integrity transform", **base)
+    detail = _detail(chain.descriptors[max(checks)], digests)
+    return ItemCheck(status="ok", detail=f"decoded; {detail}" if full else detail, **base)
+
+
+def _scratch(job: ReadJob) -> torch.Tensor | None:
+    """A destination for a whole tensor item, as a load would allocate it; None for an entry."""
+    if job.expected is None:
+        return None
+    dtype, shape = job.expected
+    return torch.empty(shape, dtype=dtype)
 
 
 def _detail(descriptor: str, digests: ItemDigests) -> str:

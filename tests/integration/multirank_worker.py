@@ -229,8 +229,9 @@ def plan_caching(path: str) -> None:
         dcp.load(dest, storage_reader=dcpx.FileSystemReader(where, transforms=[enc], require=["encrypt"]))
         assert_same(dest, sd)
         if rank == 0:
-            bad = [c for c in verify_checkpoint(where, transforms=[enc]) if c.status != "ok"]
-            assert not bad, bad
+            for full in (False, True):  # full: each item decrypts under the id its records bind it to
+                bad = [c for c in verify_checkpoint(where, transforms=[enc], full=full) if c.status != "ok"]
+                assert not bad, bad
         dist.barrier()
 
     first, second = os.path.join(path, "first"), os.path.join(path, "second")

@@ -1,0 +1,96 @@
+"""``verify_checkpoint(full=True)`` (``dcpx verify --full``) undoes every layer, as a load
+does, so it fails items whose outermost check passes but which a load would refuse."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+import dcpx
+from checkpoint_helpers import storage_items
+from dcpx.verify import verify_checkpoint
+
+zstd_plugin = pytest.importorskip("dcpx_zstd.plugin")
+zstd_transform = pytest.importorskip("dcpx_zstd.transform")
+checksum_plugin = pytest.importorskip("dcpx_checksum.plugin")
+encrypt_plugin = pytest.importorskip("dcpx_encrypt.plugin")
+
+KEY = bytes(range(32))
+CHUNK = 64 << 10
+
+
+@pytest.fixture
+def plugins(fresh_host: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("DCPX_ENCRYPT_KEY", "DCPX_ENCRYPT_KEYS", "DCPX_ENCRYPT_PRIMARY", "DCPX_ENCRYPT_KEY_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, plugin in {"dcpx-zstd": zstd_plugin, "dcpx-checksum": checksum_plugin,
+                         "dcpx-encrypt": encrypt_plugin}.items():
+        dcpx.register_plugin(plugin, name=name)
+
+
+def _state() -> dict[str, Any]:
+    g = torch.Generator().manual_seed(5)
+    return {"w": torch.randn(256, 256, generator=g), "b": torch.randn(256, generator=g).to(torch.bfloat16),
+            "empty": torch.zeros(0, 4), "step": 7, "note": {"lr": 0.1, "tags": ["a", "b"]}}
+
+
+def _statuses(path: Path, **kwargs: Any) -> dict[str, tuple[str, str]]:
+    return {c.fqn: (c.status, c.detail) for c in verify_checkpoint(str(path), **kwargs)}
+
+
+def test_full_verify_of_an_intact_checkpoint(plugins: None, tmp_path: Path) -> None:
+    enc = dcpx.transform("encrypt", keys={"k1": KEY})
+    dcpx.save(_state(), tmp_path, transforms=["zstd", enc, "checksum"], chunk_size=CHUNK)
+    checks = _statuses(tmp_path, transforms=[enc], full=True)
+    assert {fqn: status for fqn, (status, _) in checks.items()} == dict.fromkeys(checks, "ok")
+    assert checks["w"][1].startswith("decoded; stream.checksum@dcpx")
+
+
+def test_damage_under_the_checksum_fails_only_a_full_verify(plugins: None, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A zstd chunk damaged before the checksum was computed over it (a writer-side fault):
+    the checksum layer is intact, the load is not."""
+    encode = zstd_transform.ZstdTransform.encode
+
+    def damaged(self: Any, data: memoryview, chunk: Any) -> bytes:
+        out = encode(self, data, chunk)
+        return bytes(len(out)) if chunk.item.fqn == "w" and chunk.index == 1 else out
+
+    monkeypatch.setattr(zstd_transform.ZstdTransform, "encode", damaged)
+    dcpx.save(_state(), tmp_path, transforms=["zstd", "checksum"], chunk_size=CHUNK)
+    monkeypatch.undo()
+
+    assert _statuses(tmp_path)["w"][0] == "ok"
+    status, detail = _statuses(tmp_path, full=True)["w"]
+    assert status == "failed" and "chunk 1" in detail and "zstd" in detail
+    with pytest.raises(dcpx.DcpxError, match="chunk 1"):
+        dcpx.load(_state(), tmp_path)
+
+
+def test_full_verify_needs_every_key(plugins: None, tmp_path: Path) -> None:
+    enc = dcpx.transform("encrypt", keys={"k1": KEY})
+    dcpx.save(_state(), tmp_path, transforms=["zstd", enc, "checksum"], chunk_size=CHUNK)
+    assert _statuses(tmp_path)["w"][0] == "ok"  # the checksum needs no key
+    status, detail = _statuses(tmp_path, full=True)["w"]
+    assert status == "missing" and "no key to decode it with" in detail
+
+
+def test_a_damaged_stock_item_fails_only_a_full_verify(tmp_path: Path) -> None:
+    dcp.save(_state(), storage_writer=dcp.FileSystemWriter(tmp_path))
+    with open(tmp_path / ".metadata", "rb") as f:
+        info = storage_items(pickle.load(f))["w"]
+    name = tmp_path / info.relative_path
+    data = bytearray(name.read_bytes())
+    data[info.offset:info.offset + 4] = b"XXXX"  # the torch.save archive's first local header
+    name.write_bytes(data)
+
+    assert {s for s, _ in _statuses(tmp_path).values()} == {"missing"}
+    checks = _statuses(tmp_path, full=True)
+    assert checks["w"][0] == "failed" and "torch.save" in checks["w"][1]
+    assert {fqn: s for fqn, (s, _) in checks.items() if fqn != "w"} == dict.fromkeys(set(checks) - {"w"}, "missing")
+    assert checks["b"][1] == "decoded; no integrity transform"
