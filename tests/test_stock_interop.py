@@ -210,6 +210,43 @@ def test_safetensors_with_transforms_is_config_error(tmp_path: Path, spec: Any) 
     assert not data_files(tmp_path) if os.path.isdir(tmp_path) else True
 
 
+def test_compat_with_safetensors_is_config_error(tmp_path: Path) -> None:
+    """compat promises stock's reader can load the result; its safetensors output it cannot."""
+    with pytest.raises(dcpx.ConfigError, match="compat=True"):
+        dcpx.FileSystemWriter(tmp_path, compat=True, serialization_format=SerializationFormat.SAFETENSORS)
+
+
+@pytest.mark.parametrize("zstd", [False, True], ids=["plain", "zstd"])
+def test_stock_checkpoint_of_a_casting_planner_loads_as_stock_loads_it(tmp_path: Path, zstd: bool) -> None:
+    """A save planner that casts in resolve_data leaves stock items of another dtype than the
+    metadata records; both readers cast them into the destination."""
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    class ToHalf(DefaultSavePlanner):
+        def resolve_data(self, write_item: Any) -> Any:
+            data = super().resolve_data(write_item)
+            return data.half() if isinstance(data, torch.Tensor) else data
+
+    src = {"w": torch.randn(8, 4), "rows": torch.randn(6, 3)}
+    dcp.save(src, storage_writer=dcp.FileSystemWriter(tmp_path, _extensions=[ZStandard()] if zstd else None),
+             planner=ToHalf())
+    by_stock, by_dcpx = blank(src), blank(src)
+    dcp.load(by_stock, storage_reader=dcp.FileSystemReader(tmp_path))
+    dcp.load(by_dcpx, storage_reader=dcpx.FileSystemReader(tmp_path))
+    assert_same(by_dcpx, by_stock)
+    assert torch.equal(by_dcpx["w"], src["w"].half().float())
+
+
+def test_an_empty_path_is_the_current_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As with stock torch, whose ``Path("")`` is ``"."``."""
+    monkeypatch.chdir(tmp_path)
+    dcp.save({"a": torch.ones(3)}, storage_writer=dcpx.FileSystemWriter(""))
+    assert (tmp_path / ".metadata").is_file()
+    dest = {"a": torch.zeros(3)}
+    dcp.load(dest, storage_reader=dcpx.FileSystemReader(""))
+    assert torch.equal(dest["a"], torch.ones(3))
+
+
 def test_alternating_stock_and_dcpx_saves_in_one_directory(tmp_path: Path) -> None:
     """Each save replaces the previous one completely, whichever library wrote either."""
     def check(value: float) -> None:

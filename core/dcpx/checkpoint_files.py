@@ -24,6 +24,12 @@ from .transform import read_bounded
 MAX_METADATA_BYTES = 4 << 30
 
 
+def directory(path: str | os.PathLike) -> str:
+    """A checkpoint path as the string dcpx keeps; an empty one is the current directory,
+    as stock torch's ``Path(path)`` makes it."""
+    return os.fspath(path) or "."
+
+
 def confine(root: str, relative: Any, where: str) -> str:
     """Resolve ``relative`` inside ``root`` or raise; symlinks may not lead outside."""
     if not isinstance(relative, str) or not relative or "\x00" in relative:

@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from . import commit, digest, manifest
-from .checkpoint_files import load_manifest, load_metadata
+from .checkpoint_files import directory, load_manifest, load_metadata
 from .data_files import DataFiles
 from .descriptor import parse
 from .errors import CheckpointFormatError, DcpxError, IntegrityError, PolicyError
@@ -72,7 +72,7 @@ class FileSystemReader(StorageReader):
     ) -> None:
         super().__init__()
         self.fs = FileSystem()
-        self.path = os.fspath(path)
+        self.path = directory(path)
         self.workers = workers or default_workers()
         self.max_item_bytes = max_item_bytes
         self.weights_only = weights_only
@@ -104,7 +104,7 @@ class FileSystemReader(StorageReader):
         self.metadata_error = None
         self.load_id = str(uuid.uuid4())
         if checkpoint_id:
-            self.path = os.fspath(checkpoint_id)
+            self.path = directory(checkpoint_id)
 
     @property
     def checkpoint_id(self) -> str | os.PathLike:

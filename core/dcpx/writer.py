@@ -23,7 +23,7 @@ from . import commit, digest, manifest
 from .errors import CommitError, ConfigError, WriteError
 from .framing import RAW_DESCRIPTOR
 from .gc_pause import gc_paused
-from .checkpoint_files import metadata_files
+from .checkpoint_files import directory, metadata_files
 from .item_writer import ItemState, ItemStorageInfo, WholeItem, item_result, item_tensor, torch_save_bytes
 from .plan_data import PlanData, SavePlanning
 from .pipeline import DEFAULT_CHUNK_SIZE, BoundChain, OrderedWindow, codec_pool, default_workers, encode_chunk, iter_chunks
@@ -76,7 +76,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         if thread_count < 1 or chunk_size < 1:
             raise ConfigError("thread_count and chunk_size must be positive")
         self.fs = FileSystem()
-        self.path = os.fspath(path)
+        self.path = directory(path)
         self.single_file_per_rank = single_file_per_rank
         self.sync_files = sync_files
         self.thread_count = thread_count
@@ -88,6 +88,11 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         self.chunk_size = chunk_size
         self.workers = workers or default_workers()
         self.rules = resolve_transforms(transforms if transforms is not None else _extensions)
+        if self.safetensors and compat:
+            raise ConfigError(
+                "compat=True writes torch.save items, which stock torch's reader loads; "
+                "serialization_format=SAFETENSORS writes safetensors files, which it cannot. Pass one of the two"
+            )
         if self.safetensors and self.rules.any_active():
             raise ConfigError(
                 "serialization_format=SAFETENSORS cannot carry transforms: a safetensors file holds raw "
@@ -108,7 +113,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         self._release()
         if checkpoint_id:
-            self.path = os.fspath(checkpoint_id)
+            self.path = directory(checkpoint_id)
         self._plan = None
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
