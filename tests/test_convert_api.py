@@ -227,3 +227,17 @@ def test_a_dtype_safetensors_cannot_hold_is_named(tmp_path: Path) -> None:
     with pytest.raises(dcpx.ConfigError, match=r"out\.safetensors: item 'c' is torch\.complex128, which safetensors"):
         convert(tmp_path / "src.pt", tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("source", ["pt", "dcp"])
+def test_quantized_tensors_are_refused_by_name(tmp_path: Path, source: str) -> None:
+    """Their scale and zero point would not survive: say so before writing anything."""
+    q = torch.quantize_per_tensor(torch.randn(4, 4), 0.1, 3, torch.qint8)
+    src = tmp_path / ("model.pt" if source == "pt" else "ckpt")
+    if source == "pt":
+        torch.save({"w": torch.ones(2), "q": q}, src)
+    else:
+        dcp.save({"w": torch.ones(2), "q": q}, storage_writer=dcp.FileSystemWriter(src))
+    with pytest.raises(dcpx.ConfigError, match="'q' is a quantized tensor.*dequantize"):
+        convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

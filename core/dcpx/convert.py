@@ -93,6 +93,7 @@ def convert(
     if group_bytes < 1:
         raise ConfigError("group_bytes must be positive")
     source = open_source(src, reader_transforms, workers)
+    _refuse_quantized(source)
     report = ConvertReport(src, dst, source.format, dst_format, len(source.items),
                            sum(source.raw_size(i) for i in source.items), 0, False, 0.0)
     existed = os.path.exists(dst)
@@ -117,6 +118,21 @@ def convert(
         raise
     report.seconds = time.monotonic() - started
     return report
+
+
+QUANTIZED = frozenset({torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4})
+
+
+def _refuse_quantized(source: _Source) -> None:
+    """DCP stores a quantized tensor's integer values only, not its scale and zero point, so
+    no copy of it could be checked equal to the source: say so instead of converting."""
+    for item in source.items:
+        dtype = item.tensor_data.properties.dtype if item.tensor_data is not None else None
+        if dtype in QUANTIZED:
+            raise ConfigError(
+                f"{source.path}: item {item.index.fqn!r} is a quantized tensor ({dtype}); a DCP checkpoint keeps only "
+                "its integer values, not its scale and zero point. Dequantize it (tensor.dequantize()) first"
+            )
 
 
 def _remove(path: str) -> None:
