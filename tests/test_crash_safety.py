@@ -245,6 +245,42 @@ def test_a_save_left_unfinished_does_not_lock_the_path(committed):
     assert _load_values(committed) == {3.0}
 
 
+def test_a_save_that_failed_in_planning_frees_the_path_when_its_writer_is_dropped(committed):
+    """A planner raising in finish_plan, after the coordinator took the lock: DCP tells the
+    writer nothing, so dropping the writer is what frees the path for other processes."""
+    import fcntl
+    import gc
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultSavePlanner
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    class Failing(DefaultSavePlanner):
+        def finish_plan(self, new_plan):
+            raise RuntimeError("planner failed")
+
+    writer = dcpx.FileSystemWriter(committed, transforms=["zstd"], sync_files=False)
+    with pytest.raises(CheckpointException):
+        dcp.save(_state(2.0), storage_writer=writer, planner=Failing())
+    lock = os.path.join(committed, commit.LOCK)
+
+    def free() -> bool:  # a separate open file description, as another process would have
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+
+    assert not free()  # the writer still exists: it may yet be used again
+    del writer
+    gc.collect()
+    assert free()
+    assert _load_values(committed) == {1.0}
+
+
 def test_a_save_still_writing_keeps_the_lock(committed):
     stale, metadata, results = _write_without_finishing(committed, 2.0)
     stale._scope.lock.busy = True  # as while it writes or commits

@@ -18,6 +18,7 @@ import os
 import re
 import stat
 import threading
+import weakref
 from typing import Iterable
 
 from .errors import CommitError, DcpxError, WriteError
@@ -138,11 +139,12 @@ class SaveLock:
     such a save shares ``.dcpx.lock`` with the other ranks and holds ``.dcpx-<rank>.lock``
     exclusively, so ranks do not block each other but a whole-checkpoint save blocks them all."""
 
-    # Locks held by this process, by directory and rank.  A save whose other ranks failed is
-    # never finished (DCP does not call ``finish``), so its writer would hold the lock until
-    # it is garbage collected; a new save to the same path from this process takes the lock
-    # over, unless the holder is writing or committing at that moment.
-    _held: dict[tuple[str, int | None], "SaveLock"] = {}
+    # Locks held by this process, by directory and rank.  DCP tells a writer nothing when a save
+    # fails between planning and writing (a planner raising, another rank failing), so its
+    # writer holds the lock until it saves again or is garbage collected (weak references
+    # here: a dropped writer frees the path for every process); a new save to the same path
+    # from this process takes the lock over, unless the holder is writing or committing.
+    _held: "weakref.WeakValueDictionary[tuple[str, int | None], SaveLock]" = weakref.WeakValueDictionary()
     _registry = threading.RLock()
 
     def __init__(self, directory: str, rank: int | None = None) -> None:
@@ -191,7 +193,8 @@ class SaveLock:
                 whose = "" if self.rank is None else f" (rank {self.rank}'s own checkpoint)"
                 raise CommitError(
                     f"{self.directory}: another save to this checkpoint path{whose} is in progress; "
-                    "wait for it or save to another path"
+                    "wait for it or save to another path (a save that failed after planning, e.g. in a "
+                    "planner's finish_plan, keeps the path until its writer saves again or is dropped)"
                 ) from exc
             raise
         self._fds.append(fd)
