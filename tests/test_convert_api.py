@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, Writ
 import dcpx
 from checkpoint_helpers import assert_same, blank, data_files, rewrite_metadata
 from cli_helpers import installed, tensors_only, training_state
-from dcpx.convert import ConvertVerificationError, convert, open_source, transform_from_spec
+from dcpx.convert import ConvertVerificationError, compare, convert, open_source, transform_from_spec
 
 
 def write_sharded(path: Path) -> torch.Tensor:
@@ -125,8 +125,6 @@ def test_transform_spec_options(toys: Any) -> None:
 
 def test_verification_compares_values(tmp_path: Path) -> None:
     """A destination that decodes to other values than the source is reported."""
-    from dcpx.convert import compare
-
     dcp.save(tensors_only(1), storage_writer=dcp.FileSystemWriter(tmp_path / "a"))
     dcp.save(tensors_only(2), storage_writer=dcp.FileSystemWriter(tmp_path / "b"))
     with pytest.raises(ConvertVerificationError, match="layer.0.weight.*differ"):
@@ -220,6 +218,69 @@ def test_a_failed_check_leaves_no_destination(tmp_path: Path, monkeypatch: pytes
         with pytest.raises(ConvertVerificationError, match="injected"):
             convert(tmp_path / "src.pt", tmp_path / out)
         assert not (tmp_path / out).exists(), out
+
+
+def test_a_failed_check_keeps_the_file_it_would_replace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dcpx.convert as convert_module
+
+    torch.save({"w": torch.ones(4)}, tmp_path / "src.pt")
+    torch.save({"w": torch.zeros(4)}, tmp_path / "out.pt")
+    before = (tmp_path / "out.pt").read_bytes()
+
+    def mismatch(*args: Any, **kwargs: Any) -> None:
+        raise ConvertVerificationError("values differ (injected)")
+
+    monkeypatch.setattr(convert_module, "compare", mismatch)
+    with pytest.raises(ConvertVerificationError, match="injected"):
+        convert(tmp_path / "src.pt", tmp_path / "out.pt", overwrite=True)
+    assert (tmp_path / "out.pt").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["out.pt", "src.pt"]
+
+
+@pytest.mark.parametrize("out", ["out", "out.pt", "out.safetensors"])
+def test_the_destination_appears_only_once_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, out: str) -> None:
+    import dcpx.convert as convert_module
+
+    torch.save({"w": torch.ones(4)}, tmp_path / "src.pt")
+    checked = []
+
+    def check_first(*args: Any, **kwargs: Any) -> None:
+        assert not (tmp_path / out).exists()  # a kill now would leave no destination
+        compare(*args, **kwargs)
+        checked.append(out)
+
+    monkeypatch.setattr(convert_module, "compare", check_first)
+    convert(tmp_path / "src.pt", tmp_path / out)
+    assert checked == [out]
+    assert sorted(os.listdir(tmp_path)) == sorted([out, "src.pt"])
+
+
+def test_a_killed_conversion_leaves_nothing_the_next_one_keeps(tmp_path: Path) -> None:
+    """A conversion killed half-way leaves only its staging directory; the next conversion to
+    the same destination removes what is in it."""
+    torch.save({"w": torch.ones(4)}, tmp_path / "src.pt")
+    stage = tmp_path / ".out.pt.dcpx-convert"
+    stage.mkdir()
+    (stage / "out.pt").write_bytes(os.urandom(4096))  # a half-written file of the killed run
+    convert(tmp_path / "src.pt", tmp_path / "out.pt")
+    assert sorted(os.listdir(tmp_path)) == ["out.pt", "src.pt"]
+    assert torch.equal(torch.load(tmp_path / "out.pt", weights_only=True)["w"], torch.ones(4))
+
+
+def test_a_conversion_running_to_the_same_destination_is_refused(tmp_path: Path) -> None:
+    import fcntl
+
+    torch.save({"w": torch.ones(4)}, tmp_path / "src.pt")
+    stage = tmp_path / ".out.dcpx-convert"
+    stage.mkdir()
+    fd = os.open(stage, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as the running conversion holds it
+        with pytest.raises(dcpx.ConfigError, match="another conversion"):
+            convert(tmp_path / "src.pt", tmp_path / "out")
+    finally:
+        os.close(fd)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_dtype_safetensors_cannot_hold_is_named(tmp_path: Path) -> None:

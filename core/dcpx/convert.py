@@ -6,7 +6,8 @@ any size is converted with memory for one group.  A DCP destination is one check
 the source's ``state_dict_metadata`` and one storage item per stored chunk (same
 ``MetadataIndex`` offsets), committed once at the end.  Afterwards every item of the
 destination is decoded and compared with the source's, again a group at a time
-(``convert_check``).
+(``convert_check``).  A new destination is written and checked in a staging directory
+and renamed into place after the check (``convert_staging``).
 
 Sources: a DCP directory (dcpx or stock torch), a ``torch.save`` file (``.pt``/``.pth``,
 loaded with ``weights_only=True`` and memory-mapped) or a ``.safetensors`` file.
@@ -23,6 +24,7 @@ import os
 import re
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -33,6 +35,7 @@ from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemT
 
 from . import commit
 from .convert_check import ConvertVerificationError, Progress, compare
+from .convert_staging import Staging
 from .errors import CheckpointFormatError, ConfigError, DcpxError
 from .pipeline import DEFAULT_CHUNK_SIZE
 from .safetensors_io import _DTYPES as SAFETENSORS_DTYPES
@@ -96,26 +99,27 @@ def convert(
     _refuse_quantized(source)
     report = ConvertReport(src, dst, source.format, dst_format, len(source.items),
                            sum(source.raw_size(i) for i in source.items), 0, False, 0.0)
-    existed = os.path.exists(dst)
-    if dst_format == "dcp":
-        writer = FileSystemWriter(dst, transforms=transforms, compat=compat, chunk_size=chunk_size,
-                                  workers=workers, overwrite=overwrite)
-        _write_dcp(source, writer, group_bytes, progress, report.raw_bytes)
-    else:
-        _write_single_file(source, dst, dst_format, group_bytes, progress, report.raw_bytes)
-    try:
+    # a checkpoint directory being replaced is written in place (its commit keeps the old one
+    # loadable until then); anything else is staged and appears only once checked
+    in_place = dst_format == "dcp" and os.path.isdir(dst) and bool(os.listdir(dst))
+    with nullcontext() if in_place else Staging(dst) as stage:
+        target = dst if stage is None else stage.path
+        if dst_format == "dcp":
+            writer = FileSystemWriter(target, transforms=transforms, compat=compat, chunk_size=chunk_size,
+                                      workers=workers, overwrite=overwrite)
+            _write_dcp(source, writer, group_bytes, progress, report.raw_bytes)
+        else:
+            _write_single_file(source, target, dst_format, group_bytes, progress, report.raw_bytes)
         try:
-            written = open_source(dst, _reader_config(reader_transforms, transforms), workers)
+            written = open_source(target, _reader_config(reader_transforms, transforms), workers)
         except DcpxError as exc:
             raise ConvertVerificationError(f"{dst}: written, but cannot be opened again: {exc}") from exc
-        report.stored_bytes = _stored_bytes(dst, dst_format, written)
+        report.stored_bytes = _stored_bytes(target, dst_format, written)
         if verify:
             compare(source, written, group_bytes // 2 or 1, progress, report.raw_bytes)
             report.verified = True
-    except BaseException:
-        if not existed:  # what does not read back equal is not kept (a replaced DST is gone already)
-            _remove(dst)
-        raise
+        if stage is not None:
+            stage.publish()
     report.seconds = time.monotonic() - started
     return report
 
@@ -133,14 +137,6 @@ def _refuse_quantized(source: _Source) -> None:
                 f"{source.path}: item {item.index.fqn!r} is a quantized tensor ({dtype}); a DCP checkpoint keeps only "
                 "its integer values, not its scale and zero point. Dequantize it (tensor.dequantize()) first"
             )
-
-
-def _remove(path: str) -> None:
-    """Remove a destination this conversion wrote: a DCP directory or a single file."""
-    if os.path.isdir(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.exists(path):
-        os.unlink(path)
 
 
 def destination_format(path: str) -> str:
@@ -227,8 +223,8 @@ def _committed(path: str, results: list[Any]) -> bool:
 
 
 def _write_single_file(source: _Source, dst: str, fmt: str, group_bytes: int, progress: Progress | None, total: int) -> None:
-    """A ``.pt`` or ``.safetensors`` file: shards are assembled into whole tensors, then the
-    library writes the file (to a temporary name, renamed into place)."""
+    """A ``.pt`` or ``.safetensors`` file at ``dst`` (a staging path): shards are assembled
+    into whole tensors, then the library writes the file."""
     if fmt == "safetensors":
         blobs = [i.index.fqn for i in source.items if i.type == WriteItemType.BYTE_IO]
         if blobs:
@@ -262,20 +258,14 @@ def _write_single_file(source: _Source, dst: str, fmt: str, group_bytes: int, pr
             raise CheckpointFormatError(f"{source.path}: item {fqn!r}: stored shards cover {n} of {flat[fqn].numel()} elements")
     order = {fqn: n for n, fqn in enumerate(source.metadata.state_dict_metadata)}
     flat = dict(sorted(flat.items(), key=lambda kv: order.get(kv[0], len(order))))
-    tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(dst)}.tmp-{os.getpid()}")
-    try:
-        if fmt == "pt":
-            torch.save(_nest(flat, source.metadata.planner_data), tmp)
-        else:
-            for fqn, tensor in flat.items():
-                if tensor.dtype not in SAFETENSORS_DTYPES:
-                    raise ConfigError(f"{dst}: item {fqn!r} is {tensor.dtype}, which safetensors has no code for; "
-                                      "convert to a DCP directory or a .pt file instead")
-            _safetensors().torch.save_file(_unshared(flat), tmp, metadata={"format": "pt"})
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    if fmt == "pt":
+        torch.save(_nest(flat, source.metadata.planner_data), dst)
+        return
+    for fqn, tensor in flat.items():
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise ConfigError(f"{dst}: item {fqn!r} is {tensor.dtype}, which safetensors has no code for; "
+                              "convert to a DCP directory or a .pt file instead")
+    _safetensors().torch.save_file(_unshared(flat), dst, metadata={"format": "pt"})
 
 
 def _whole_tensor(path: str, fqn: str, size: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
