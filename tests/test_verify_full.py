@@ -94,3 +94,21 @@ def test_a_damaged_stock_item_fails_only_a_full_verify(tmp_path: Path) -> None:
     assert checks["w"][0] == "failed" and "torch.save" in checks["w"][1]
     assert {fqn: s for fqn, (s, _) in checks.items() if fqn != "w"} == dict.fromkeys(set(checks) - {"w"}, "missing")
     assert checks["b"][1] == "decoded; no integrity transform"
+
+
+@pytest.mark.parametrize("zstd", [False, True], ids=["plain", "zstd"])
+@pytest.mark.parametrize("rows", [10 ** 6, 2 ** 15])  # no machine holds it / 4 GiB, allocated lazily
+def test_a_forged_stock_tensor_size_fails_a_full_verify(tmp_path: Path, zstd: bool, rows: int) -> None:
+    from torch.distributed.checkpoint._extension import ZStandard
+
+    from checkpoint_helpers import rewrite_metadata
+
+    dcp.save(_state(), storage_writer=dcp.FileSystemWriter(tmp_path, _extensions=[ZStandard()] if zstd else None))
+
+    def claim(metadata: Any) -> None:
+        md = metadata.state_dict_metadata["w"]
+        md.size = md.chunks[0].sizes = torch.Size([rows, rows])
+
+    rewrite_metadata(tmp_path, claim)
+    status, detail = _statuses(tmp_path, full=True)["w"]
+    assert status == "failed" and "'__0_0.distcp'" in detail, detail

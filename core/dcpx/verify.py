@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
 
-from .errors import DcpxError
+from .errors import CheckpointFormatError, DcpxError
 from .framing import FRAME_DESCRIPTOR, RAW_DESCRIPTOR
 from .pipeline import ItemDigests, decode_chunk, default_workers
 from .data_files import DataFiles
@@ -141,11 +141,20 @@ def _check_job(job: ReadJob, base: dict[str, Any], full: bool) -> ItemCheck:
 
 
 def _scratch(job: ReadJob) -> torch.Tensor | None:
-    """A destination for a whole tensor item, as a load would allocate it; None for an entry."""
+    """A destination for a whole stock tensor item, as a load would allocate it (its pages
+    are touched only as the stored tensor is copied in); None for an entry."""
     if job.expected is None:
         return None
     dtype, shape = job.expected
-    return torch.empty(shape, dtype=dtype)
+    nbytes = job.item_info().nbytes
+    if not job.descriptors and job.length < nbytes:  # a torch.save payload holds every byte
+        raise CheckpointFormatError(f"{job.where}: metadata records a tensor of {nbytes:,} bytes, the item "
+                                    f"stores {job.length:,}")
+    try:
+        return torch.empty(shape, dtype=dtype)
+    except RuntimeError as exc:  # a size no machine holds: forged or damaged metadata
+        raise CheckpointFormatError(f"{job.where}: cannot allocate the {nbytes:,} bytes its metadata records "
+                                    f"for the tensor ({exc})") from exc
 
 
 def _detail(descriptor: str, digests: ItemDigests) -> str:
