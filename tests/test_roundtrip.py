@@ -171,6 +171,27 @@ def test_async_save(tmp_path: Path) -> None:
     assert_same(dest, expected)
 
 
+def test_async_save_with_torch_default_stager(tmp_path: Path) -> None:
+    """torch's own stager (a copy staged on a background thread) in place of the writer's."""
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    sd = rich_state()
+    expected = _expected(sd)
+    writer = dcpx.FileSystemWriter(tmp_path, transforms=["zstd"], chunk_size=CHUNK)
+    stager = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False,
+                                          use_async_staging=True, use_non_blocking_copy=False))
+    try:
+        response = dcp.async_save(sd, storage_writer=writer, async_stager=stager)
+        response.staging_completion.result()
+        sd["f32"].add_(1)  # staged: later changes are not saved
+        response.upload_completion.result()
+    finally:
+        stager.close()
+    dest = blank(expected)
+    dcpx.load(dest, tmp_path)
+    assert_same(dest, expected)
+
+
 def test_overwrite_false_refuses_existing_checkpoint(tmp_path: Path) -> None:
     first = {"w": torch.arange(10.0)}
     dcpx.save(first, tmp_path)
