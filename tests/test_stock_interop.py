@@ -216,25 +216,44 @@ def test_compat_with_safetensors_is_config_error(tmp_path: Path) -> None:
         dcpx.FileSystemWriter(tmp_path, compat=True, serialization_format=SerializationFormat.SAFETENSORS)
 
 
+class _Casting(dcp.DefaultSavePlanner):
+    """A save planner that casts every tensor in resolve_data but records the original dtype."""
+
+    def __init__(self, cast: Any) -> None:
+        super().__init__()
+        self.cast = cast
+
+    def resolve_data(self, write_item: Any) -> Any:
+        data = super().resolve_data(write_item)
+        return self.cast(data) if isinstance(data, torch.Tensor) else data
+
+
 @pytest.mark.parametrize("zstd", [False, True], ids=["plain", "zstd"])
-def test_stock_checkpoint_of_a_casting_planner_loads_as_stock_loads_it(tmp_path: Path, zstd: bool) -> None:
+@pytest.mark.parametrize("cast", [torch.Tensor.half, torch.Tensor.double], ids=["down", "up"])
+def test_stock_checkpoint_of_a_casting_planner_loads_as_stock_loads_it(tmp_path: Path, zstd: bool, cast: Any) -> None:
     """A save planner that casts in resolve_data leaves stock items of another dtype than the
-    metadata records; both readers cast them into the destination."""
-    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+    metadata records; both readers cast them into the destination.  The tensor is larger than
+    the allowance for a torch.save archive's own bytes, so an up-cast item is larger than its
+    metadata says."""
+    from dcpx.verify import verify_checkpoint
 
-    class ToHalf(DefaultSavePlanner):
-        def resolve_data(self, write_item: Any) -> Any:
-            data = super().resolve_data(write_item)
-            return data.half() if isinstance(data, torch.Tensor) else data
-
-    src = {"w": torch.randn(8, 4), "rows": torch.randn(6, 3)}
+    src = {"w": torch.randn(512, 1024), "rows": torch.randn(6, 3)}
     dcp.save(src, storage_writer=dcp.FileSystemWriter(tmp_path, _extensions=[ZStandard()] if zstd else None),
-             planner=ToHalf())
+             planner=_Casting(cast))
     by_stock, by_dcpx = blank(src), blank(src)
     dcp.load(by_stock, storage_reader=dcp.FileSystemReader(tmp_path))
     dcp.load(by_dcpx, storage_reader=dcpx.FileSystemReader(tmp_path))
     assert_same(by_dcpx, by_stock)
-    assert torch.equal(by_dcpx["w"], src["w"].half().float())
+    assert torch.equal(by_dcpx["w"], cast(src["w"]).float())
+    assert {c.status for c in verify_checkpoint(str(tmp_path), full=True)} == {"missing"}  # decoded, no digest
+
+
+def test_a_stored_tensor_that_cannot_be_cast_is_refused_by_name(tmp_path: Path) -> None:
+    """Quantized where the metadata records float32: no destination of the recorded dtype takes it."""
+    quantize = _Casting(lambda t: torch.quantize_per_tensor(t, 0.1, 0, torch.qint8))
+    dcp.save({"w": torch.randn(4, 4)}, storage_writer=dcp.FileSystemWriter(tmp_path), planner=quantize)
+    with pytest.raises(dcpx.CheckpointFormatError, match=r"^w .*qint8.*float32"):
+        dcpx.load({"w": torch.zeros(4, 4)}, tmp_path)
 
 
 def test_an_empty_path_is_the_current_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -112,3 +112,20 @@ def test_a_forged_stock_tensor_size_fails_a_full_verify(tmp_path: Path, zstd: bo
     rewrite_metadata(tmp_path, claim)
     status, detail = _statuses(tmp_path, full=True)["w"]
     assert status == "failed" and "'__0_0.distcp'" in detail, detail
+
+
+def test_a_damaged_stock_entry_fails_a_full_verify(tmp_path: Path) -> None:
+    """Entries are unpickled as a default (weights-only) load unpickles them."""
+    dcp.save(_state(), storage_writer=dcp.FileSystemWriter(tmp_path))
+    with open(tmp_path / ".metadata", "rb") as f:
+        info = storage_items(pickle.load(f))["step"]
+    name = tmp_path / info.relative_path
+    data = bytearray(name.read_bytes())
+    data[info.offset:info.offset + 4] = b"\xff" * 4
+    name.write_bytes(data)
+
+    assert _statuses(tmp_path)["step"][0] == "missing"
+    status, detail = _statuses(tmp_path, full=True)["step"]
+    assert status == "failed" and "weights_only" in detail
+    with pytest.raises(dcpx.DcpxError, match="step"):
+        dcpx.load(_state(), tmp_path)

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 # torch.save wraps a tensor's bytes in a small zip archive; allow that much on top.
 TORCH_SAVE_OVERHEAD = 1 << 20
+WIDEST_ELEMENT = 16  # complex128
 
 
 class ItemView(io.RawIOBase):
@@ -263,8 +264,23 @@ class ReadJob:
             if self.recorded_crc is not None:
                 digest.check(digest.crc(data), self.recorded_crc, self.where)
             return data
+        wanted = region(self.stored_tensor(), self.req.storage_offsets, self.req.lengths)
+        if tuple(target.shape) != tuple(wanted.shape):
+            raise CheckpointFormatError(f"{self.where}: destination has shape {tuple(target.shape)}, read expects {tuple(wanted.shape)}")
+        try:
+            target.copy_(wanted)
+        except RuntimeError as exc:  # e.g. a quantized tensor stored where metadata records another dtype
+            raise CheckpointFormatError(f"{self.where}: the stored {wanted.dtype} tensor cannot be copied into the "
+                                        f"{target.dtype} destination ({exc})") from exc
+        return target
+
+    def stored_tensor(self) -> torch.Tensor:
+        """The whole tensor a stock item stores, loaded ``weights_only``.  Its dtype may differ
+        from the metadata's: stock's writer stores what a planner that casts in ``resolve_data``
+        returns, and stock's reader casts it into the destination (so does ``_stock``)."""
         dtype, shape = self.expected
-        limit = math.prod(shape) * element_size(dtype) + TORCH_SAVE_OVERHEAD
+        # sized for the widest dtype a planner may have cast to
+        limit = math.prod(shape) * max(element_size(dtype), WIDEST_ELEMENT) + TORCH_SAVE_OVERHEAD
         if self.descriptors:
             data = read_bounded(self._decoded(), limit + 1)
             if len(data) > limit:
@@ -287,15 +303,9 @@ class ReadJob:
             raise CheckpointFormatError(
                 f"{self.where}: not a valid torch.save tensor ({type(exc).__name__}: {weights_only_reason(str(exc))})"
             ) from exc
-        # a dtype other than the metadata's is what stock's writer stores for a planner that casts
-        # in resolve_data; the payload names its own dtype, and copy_ casts it as stock's reader does
         if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
             raise CheckpointFormatError(f"{self.where}: stored tensor does not match metadata ({dtype}, {shape})")
-        wanted = region(tensor, self.req.storage_offsets, self.req.lengths)
-        if tuple(target.shape) != tuple(wanted.shape):
-            raise CheckpointFormatError(f"{self.where}: destination has shape {tuple(target.shape)}, read expects {tuple(wanted.shape)}")
-        target.copy_(wanted)
-        return target
+        return tensor
 
     def _checkpoint_id(self) -> str:
         """The id the item's bytes are bound to: the checkpoint's, unless the item records one

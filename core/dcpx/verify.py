@@ -25,12 +25,13 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
 
-from .errors import CheckpointFormatError, DcpxError
+from .errors import DcpxError
 from .framing import FRAME_DESCRIPTOR, RAW_DESCRIPTOR
 from .pipeline import ItemDigests, decode_chunk, default_workers
 from .data_files import DataFiles
 from .read_job import ReadJob
 from .reader import FileSystemReader
+from .torch_archive import load_weights_only
 from .transform import ChunkInfo, holds_keys
 
 
@@ -109,23 +110,35 @@ def _check_job(job: ReadJob, base: dict[str, Any], full: bool) -> ItemCheck:
     """Check one prepared item, its data file open."""
     if job.descriptors == [RAW_DESCRIPTOR] and job.length == 0:
         return ItemCheck(status="ok", detail="empty tensor: no bytes stored", **base)
-    if job.recorded_crc is not None:
+    decodable = True
+    if job.descriptors[:1] == [FRAME_DESCRIPTOR]:
+        status, detail, decodable = _check_frames(job, full)
+    elif job.recorded_crc is not None:
         job.verify_stored()
-        return ItemCheck(status="ok", detail="crc32c recorded in the manifest", **base)
-    if not job.descriptors or job.descriptors[0] != FRAME_DESCRIPTOR:
-        if full and job.descriptors != [RAW_DESCRIPTOR]:  # a stock item: read it as a load would
-            job.run(_scratch(job))
-            return ItemCheck(status="missing", detail="decoded; no integrity transform", **base)
-        return ItemCheck(status="missing", detail="no integrity transform", **base)
+        status, detail = "ok", "crc32c recorded in the manifest"
+    else:
+        status, detail = "missing", "no integrity transform"
+    if not full or not decodable:
+        return ItemCheck(status=status, detail=detail, **base)
+    if not job.is_tensor:  # every layer again, then unpickled as a default (weights-only) load does
+        load_weights_only(job.run(None), job.where)
+    elif job.descriptors[:1] not in ([FRAME_DESCRIPTOR], [RAW_DESCRIPTOR]):
+        job.stored_tensor()  # a stock item: its torch.save archive, through its transforms
+    detail = "no integrity transform" if status == "missing" else detail
+    return ItemCheck(status=status, detail=f"decoded; {detail}", **base)
+
+
+def _check_frames(job: ReadJob, full: bool) -> tuple[str, str, bool]:
+    """A framed item, chunk by chunk down to its outermost integrity layer (``full``: every
+    layer): its status, what checked it, and whether it could be decoded at all (keys)."""
     index_, chain = job.frame(job.item_info().nbytes if job.is_tensor else None)
     checks = [i for i, t in enumerate(chain.transforms) if t.verifies_integrity]
     if not checks and not full:
-        return ItemCheck(status="missing", detail="no integrity transform", **base)
+        return "missing", "no integrity transform", False
     depth = 0 if full else max(checks)  # innermost-first index of the last layer to undo
     keyless = [i for i in range(depth, len(chain.transforms)) if holds_keys(chain.transforms[i]) is False]
     if keyless:
-        return ItemCheck(status="missing", detail=f"{chain.descriptors[keyless[-1]]}: no key to "
-                         f"{'decode' if full else 'check'} it with", **base)
+        return "missing", f"{chain.descriptors[keyless[-1]]}: no key to {'decode' if full else 'check'} it with", False
     item = job.item_info()
     digests = ItemDigests(chain, item, index_.count, job.records, stop=depth)
     for k, stored_at in enumerate(index_.stored_offsets()):
@@ -135,26 +148,8 @@ def _check_job(job: ReadJob, base: dict[str, Any], full: bool) -> ItemCheck:
         decode_chunk(chain, job.pread(stored_at, sizes[-1]), chunk, sizes, stop=depth, digests=digests)
     digests.check()
     if not checks:
-        return ItemCheck(status="missing", detail="decoded; no integrity transform", **base)
-    detail = _detail(chain.descriptors[max(checks)], digests)
-    return ItemCheck(status="ok", detail=f"decoded; {detail}" if full else detail, **base)
-
-
-def _scratch(job: ReadJob) -> torch.Tensor | None:
-    """A destination for a whole stock tensor item, as a load would allocate it (its pages
-    are touched only as the stored tensor is copied in); None for an entry."""
-    if job.expected is None:
-        return None
-    dtype, shape = job.expected
-    nbytes = job.item_info().nbytes
-    if not job.descriptors and job.length < nbytes:  # a torch.save payload holds every byte
-        raise CheckpointFormatError(f"{job.where}: metadata records a tensor of {nbytes:,} bytes, the item "
-                                    f"stores {job.length:,}")
-    try:
-        return torch.empty(shape, dtype=dtype)
-    except RuntimeError as exc:  # a size no machine holds: forged or damaged metadata
-        raise CheckpointFormatError(f"{job.where}: cannot allocate the {nbytes:,} bytes its metadata records "
-                                    f"for the tensor ({exc})") from exc
+        return "missing", "no integrity transform", True
+    return "ok", _detail(chain.descriptors[max(checks)], digests), True
 
 
 def _detail(descriptor: str, digests: ItemDigests) -> str:
