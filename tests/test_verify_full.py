@@ -80,14 +80,20 @@ def test_full_verify_needs_every_key(plugins: None, tmp_path: Path) -> None:
     assert status == "missing" and "no key to decode it with" in detail
 
 
-def test_a_damaged_stock_item_fails_only_a_full_verify(tmp_path: Path) -> None:
-    dcp.save(_state(), storage_writer=dcp.FileSystemWriter(tmp_path))
-    with open(tmp_path / ".metadata", "rb") as f:
-        info = storage_items(pickle.load(f))["w"]
-    name = tmp_path / info.relative_path
+def _stock_with_damaged_start(path: Path, fqn: str) -> None:
+    """A stock checkpoint of ``_state()`` whose item ``fqn`` has its first 4 bytes (the
+    torch.save archive's first local header) overwritten."""
+    dcp.save(_state(), storage_writer=dcp.FileSystemWriter(path))
+    with open(path / ".metadata", "rb") as f:
+        info = storage_items(pickle.load(f))[fqn]
+    name = path / info.relative_path
     data = bytearray(name.read_bytes())
-    data[info.offset:info.offset + 4] = b"XXXX"  # the torch.save archive's first local header
+    data[info.offset:info.offset + 4] = b"\xff" * 4
     name.write_bytes(data)
+
+
+def test_a_damaged_stock_item_fails_only_a_full_verify(tmp_path: Path) -> None:
+    _stock_with_damaged_start(tmp_path, "w")
 
     assert {s for s, _ in _statuses(tmp_path).values()} == {"missing"}
     checks = _statuses(tmp_path, full=True)
@@ -116,13 +122,7 @@ def test_a_forged_stock_tensor_size_fails_a_full_verify(tmp_path: Path, zstd: bo
 
 def test_a_damaged_stock_entry_fails_a_full_verify(tmp_path: Path) -> None:
     """Entries are unpickled as a default (weights-only) load unpickles them."""
-    dcp.save(_state(), storage_writer=dcp.FileSystemWriter(tmp_path))
-    with open(tmp_path / ".metadata", "rb") as f:
-        info = storage_items(pickle.load(f))["step"]
-    name = tmp_path / info.relative_path
-    data = bytearray(name.read_bytes())
-    data[info.offset:info.offset + 4] = b"\xff" * 4
-    name.write_bytes(data)
+    _stock_with_damaged_start(tmp_path, "step")
 
     assert _statuses(tmp_path)["step"][0] == "missing"
     status, detail = _statuses(tmp_path, full=True)["step"]
