@@ -33,6 +33,12 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data[len(data) // 3] ^= 0x40  # inside the large item's compressed chunks
     victim.write_bytes(data)
     _damage(root)
+    shutil.copytree(root / "stock", root / "stock_damaged")  # no digest: only --full notices
+    metadata = dcpx.checkpoint_files.load_metadata(str(root / "stock_damaged"))[0]
+    info = next(i for x, i in metadata.storage_data.items() if x.fqn == "model.embed.weight")
+    with open(root / "stock_damaged" / info.relative_path, "r+b") as f:
+        f.seek(info.offset)
+        f.write(b"\xff" * 4)  # the torch.save archive's first local header
     return root
 
 
@@ -70,6 +76,8 @@ def results(work: Path) -> dict[str, Any]:
         "verify_stock": Command(["verify", "stock", "--quiet"], spawn=True),
         "verify_allow": Command(["verify", "stock", "--allow-missing", "--quiet"]),
         "verify_full_stock": Command(["verify", "stock", "--full", "--allow-missing", "--quiet"]),
+        "verify_stock_damaged": Command(["verify", "stock_damaged", "--allow-missing", "--quiet"]),
+        "verify_full_stock_damaged": Command(["verify", "stock_damaged", "--full", "--allow-missing", "--quiet"]),
         "verify_missing_path": Command(["verify", "no_such_checkpoint"]),
         **{f"{cmd}_{case}": Command([cmd, case, *extra])
            for cmd, extra in (("inspect", []), ("verify", ["--quiet"]))
@@ -137,6 +145,13 @@ def test_verify_full_reads_every_stock_item(results: dict[str, Any]) -> None:
     r = results["verify_full_stock"]
     assert r.returncode == 0, r.stderr
     assert "0 verified, 0 failed, 8 without a digest" in r.stdout
+
+
+def test_verify_full_fails_a_stock_item_that_does_not_decode(results: dict[str, Any]) -> None:
+    assert results["verify_stock_damaged"].returncode == 0  # nothing to check it against
+    r = results["verify_full_stock_damaged"]
+    assert r.returncode == 1, r.stderr
+    assert "FAILED  model.embed.weight" in r.stdout and "0 verified, 1 failed, 7 without a digest" in r.stdout
 
 
 def test_verify_bad_path_is_a_usage_error(results: dict[str, Any]) -> None:

@@ -283,6 +283,42 @@ def test_a_conversion_running_to_the_same_destination_is_refused(tmp_path: Path)
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("how", ["empty directory", "current directory", "link to an empty directory"])
+def test_an_existing_directory_is_written_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """It keeps its inode, mode and mount; the checkpoint records the path as given."""
+    torch.save({"w": torch.ones(4)}, tmp_path / "src.pt")
+    (tmp_path / "out").mkdir()
+    os.chmod(tmp_path / "out", 0o2770)
+    before = os.stat(tmp_path / "out")
+    dst = {"empty directory": str(tmp_path / "out"), "current directory": ".", "link to an empty directory": "link"}[how]
+    os.symlink(tmp_path / "out", tmp_path / "link")
+    monkeypatch.chdir(tmp_path / "out" if how == "current directory" else tmp_path)
+    convert(tmp_path / "src.pt", dst)
+    after = os.stat(tmp_path / "out")
+    assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+    assert dcpx.reader.load_metadata(str(tmp_path / "out"))[0].storage_meta.checkpoint_id == dst
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith(".")) == []
+
+
+def test_a_new_checkpoint_records_its_own_path_not_the_staging_one(tmp_path: Path) -> None:
+    torch.save({"w": torch.ones(4)}, tmp_path / "src.pt")
+    convert(tmp_path / "src.pt", tmp_path / "out")
+    assert dcpx.reader.load_metadata(str(tmp_path / "out"))[0].storage_meta.checkpoint_id == str(tmp_path / "out")
+
+
+def test_a_name_too_long_to_prefix_is_staged_under_a_digest(tmp_path: Path) -> None:
+    torch.save({"w": torch.ones(4)}, tmp_path / "src.pt")
+    name = "x" * 245 + ".pt"
+    convert(tmp_path / "src.pt", tmp_path / name)
+    assert sorted(os.listdir(tmp_path)) == sorted([name, "src.pt"])
+
+
+def test_an_empty_path_is_refused(tmp_path: Path) -> None:
+    torch.save({"w": torch.ones(4)}, tmp_path / "src.pt")
+    with pytest.raises(dcpx.ConfigError, match="empty destination"):
+        convert(tmp_path / "src.pt", "")
+
+
 def test_a_dtype_safetensors_cannot_hold_is_named(tmp_path: Path) -> None:
     torch.save({"c": torch.ones(2, dtype=torch.complex128), "w": torch.ones(2)}, tmp_path / "src.pt")
     with pytest.raises(dcpx.ConfigError, match=r"out\.safetensors: item 'c' is torch\.complex128, which safetensors"):

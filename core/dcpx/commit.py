@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import io
 import os
 import re
@@ -186,7 +187,13 @@ class SaveLock:
                 raise
             raise CommitError(f"{path}: the lock file is a symbolic link; remove it and save again") from exc
         try:
-            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                # the holder may be a writer of this process that is garbage but not collected yet
+                # (held in a reference cycle, or being collected): collect, then ask once more
+                gc.collect()
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EAGAIN, errno.EACCES):
@@ -194,7 +201,7 @@ class SaveLock:
                 raise CommitError(
                     f"{self.directory}: another save to this checkpoint path{whose} is in progress; "
                     "wait for it or save to another path (a save that failed after planning, e.g. in a "
-                    "planner's finish_plan, keeps the path until its writer saves again or is dropped)"
+                    "planner's finish_plan, keeps the path until its writer saves again or is garbage collected)"
                 ) from exc
             raise
         self._fds.append(fd)

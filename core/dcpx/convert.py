@@ -99,14 +99,16 @@ def convert(
     _refuse_quantized(source)
     report = ConvertReport(src, dst, source.format, dst_format, len(source.items),
                            sum(source.raw_size(i) for i in source.items), 0, False, 0.0)
-    # a checkpoint directory being replaced is written in place (its commit keeps the old one
-    # loadable until then); anything else is staged and appears only once checked
-    in_place = dst_format == "dcp" and os.path.isdir(dst) and bool(os.listdir(dst))
+    # an existing directory is written in place (the commit keeps a checkpoint in it loadable
+    # until then, and the directory keeps its owner, mode and mount); a new destination or a
+    # file it replaces is staged, and appears only once checked
+    in_place = dst_format == "dcp" and os.path.isdir(dst)
     with nullcontext() if in_place else Staging(dst) as stage:
         target = dst if stage is None else stage.path
         if dst_format == "dcp":
             writer = FileSystemWriter(target, transforms=transforms, compat=compat, chunk_size=chunk_size,
                                       workers=workers, overwrite=overwrite)
+            writer.recorded_path = dst
             _write_dcp(source, writer, group_bytes, progress, report.raw_bytes)
         else:
             _write_single_file(source, target, dst_format, group_bytes, progress, report.raw_bytes)
@@ -301,6 +303,8 @@ def _unshared(flat: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 # -- helpers -----------------------------------------------------------------------------
 def _check_paths(src: str, dst: str, dst_format: str, overwrite: bool) -> None:
+    if not src or not dst:
+        raise ConfigError(f"an empty {'source' if not src else 'destination'} path; name a checkpoint or file")
     if not os.path.exists(src):
         raise CheckpointFormatError(f"{src}: no such file or directory")
     if os.path.exists(dst) and os.path.realpath(src) == os.path.realpath(dst):

@@ -1,21 +1,34 @@
 """Where a conversion writes before its copy is checked.
 
-A new destination is written into a staging directory next to it (``.<name>.dcpx-convert``)
-and renamed into place only once every item has read back equal to the source, so a
-destination that exists is a checked one, and an existing file is replaced only by a
-checked copy.  The staging directory is locked while a conversion uses it; whatever a
-conversion killed half-way left there is removed by the next one to the same destination.
+A destination that does not exist yet, and a single file a conversion replaces, is written
+into a staging directory next to it (``.<name>.dcpx-convert``) and renamed into place only
+once every item has read back equal to the source, so such a destination appears (or is
+replaced) only by a checked copy.  The staging directory is locked while a conversion uses
+it; whatever a conversion killed half-way left there is removed by the next one to the same
+destination.  (An existing directory is written in place: see ``convert``.)
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import shutil
 from types import TracebackType
 
 from .commit import fsync_dir
 from .errors import ConfigError
+
+SUFFIX = ".dcpx-convert"
+NAME_MAX = 255
+
+
+def staging_name(name: str) -> str:
+    """``.<name>.dcpx-convert``, or a digest of ``name`` where that is too long a file name."""
+    full = f".{name}{SUFFIX}"
+    if len(full.encode()) <= NAME_MAX:
+        return full
+    return f".{hashlib.sha256(name.encode()).hexdigest()[:32]}{SUFFIX}"
 
 
 class Staging:
@@ -25,38 +38,63 @@ class Staging:
     def __init__(self, dst: str) -> None:
         parent, name = os.path.split(os.path.abspath(dst))
         self.dst, self.parent = dst, parent
-        self.root = os.path.join(parent, f".{name}.dcpx-convert")
-        self.path = os.path.join(self.root, name)  # same name: formats are told by suffix
+        self.root = os.path.join(parent, staging_name(name))
+        self.path = os.path.join(self.root, name)  # the same name: formats are told by suffix
         self._fd = -1
 
     def __enter__(self) -> "Staging":
         try:
-            os.makedirs(self.root, exist_ok=True)
-            self._fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            self._fd = self._lock()
+            self._clear()  # left by a conversion that was killed
         except OSError as exc:
+            self._close()
             raise ConfigError(f"{self.dst}: cannot use {self.root} to stage the conversion: {exc}") from exc
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            raise ConfigError(f"{self.dst}: another conversion to this destination is running (it writes {self.root})") from None
-        self._clear()  # left by a conversion that was killed
         return self
 
+    def _lock(self) -> int:
+        """Lock the staging directory, retrying while the one locked is not (any longer) the
+        one at its path: a conversion that finishes removes it, then unlocks."""
+        for _ in range(100):
+            os.makedirs(self.root, exist_ok=True)
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise ConfigError(f"{self.dst}: another conversion to this destination is running "
+                                  f"(it writes {self.root})") from None
+            try:
+                current = os.stat(self.root, follow_symlinks=False)
+            except FileNotFoundError:
+                current = None
+            held = os.fstat(fd)
+            if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+                return fd
+            os.close(fd)
+        raise ConfigError(f"{self.dst}: could not lock {self.root}: it keeps being replaced")
+
     def publish(self) -> None:
-        """Move the checked copy to the destination (a missing path, an empty directory or,
-        for a single file, a file it replaces) with one rename."""
-        os.replace(self.path, self.dst)
+        """Move the checked copy to the destination with one rename (over a file it replaces)."""
+        try:
+            os.replace(self.path, self.dst)
+        except OSError as exc:  # something else created the destination meanwhile
+            raise ConfigError(f"{self.dst}: cannot be put in place ({exc}); it was created by something else "
+                              "during the conversion, and was left as it is") from exc
         fsync_dir(self.parent)
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         try:
             self._clear()
-            os.rmdir(self.root)
+            os.rmdir(self.root)  # while still locked: see _lock
         except OSError:
             pass  # removed by the next conversion to this destination
         finally:
+            self._close()
+
+    def _close(self) -> None:
+        if self._fd >= 0:
             os.close(self._fd)
+            self._fd = -1
 
     def _clear(self) -> None:
         for name in os.listdir(self.root):

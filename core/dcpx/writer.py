@@ -108,6 +108,9 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         self._planning = SavePlanning()
         # the id the last save committed, where this rank knows it (see write_data)
         self.save_id: str | None = uuid.uuid4().hex
+        # the path .metadata records, where it is not ``path``: ``dcpx convert`` writes a new
+        # checkpoint elsewhere first and moves it into place once checked
+        self.recorded_path: str | None = None
 
     # -- StorageWriter protocol -------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
@@ -316,7 +319,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
             ))
         metadata.storage_data = storage
         metadata.version = DCP_VERSION
-        metadata.storage_meta = StorageMeta(checkpoint_id=self.path, save_id=checkpoint_id)
+        metadata.storage_meta = StorageMeta(checkpoint_id=self.recorded_path or self.path, save_id=checkpoint_id)
         with gc_paused():  # pickling creates a dict per entry; collections only rescan torch's heap
             md_bytes = pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL)
         extra: dict[str, Any] = {"files": _file_sizes(self.path, records)}
