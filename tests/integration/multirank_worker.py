@@ -178,11 +178,26 @@ def async_process(path: str) -> None:
     checkpointing process that saves while this one goes on."""
     from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
     sd = replicated_state()
     dcp.async_save(sd, storage_writer=writer(path), async_checkpointer_type=AsyncCheckpointerType.PROCESS).result()
     dist.barrier()
     dest = blank(sd)
     dcp.load(dest, storage_reader=reader(path))
+    assert_same(dest, replicated_state())
+    # again through torch's own stager (staging on a background thread) instead of the writer's
+    staged = path + "_staged"
+    stager = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False,
+                                          use_async_staging=True, use_non_blocking_copy=False))
+    try:
+        dcp.async_save(sd, storage_writer=writer(staged), async_checkpointer_type=AsyncCheckpointerType.PROCESS,
+                       async_stager=stager).upload_completion.result()
+    finally:
+        stager.close()
+    dist.barrier()
+    dest = blank(sd)
+    dcp.load(dest, storage_reader=reader(staged))
     assert_same(dest, replicated_state())
 
 
