@@ -376,6 +376,24 @@ def test_stock_item_larger_than_its_tensor_is_refused(stock: Path, watchdog: dic
     expect_refusal(stock, watchdog, dcpx.CheckpointFormatError, "model.b", "more bytes than its tensor")
 
 
+def test_stock_zstd_item_decoding_past_its_tensor_is_refused(tmp_path: Path, watchdog: dict[str, bool]) -> None:
+    """A few KiB of torch-ZStandard data that inflate to 16 times the bf16 tensor the metadata
+    records: decoding stops at the recorded tensor's size (plus the archive's own bytes)."""
+    import zstandard
+    from torch.distributed.checkpoint._extension import ZStandard
+
+    n = 1 << 20
+    dcp.save({"w": torch.ones(n, dtype=torch.bfloat16)}, storage_writer=dcp.FileSystemWriter(tmp_path, _extensions=[ZStandard()]))
+    bomb = zstandard.ZstdCompressor().compress(bytes(16 * n))
+    info = _items(tmp_path)["w"]
+    with open(tmp_path / info.relative_path, "ab") as f:
+        offset = f.tell()
+        f.write(bomb)
+    rewrite_metadata(tmp_path, _set_info("w", offset=offset, length=len(bomb)))
+    expect_refusal(tmp_path, watchdog, dcpx.CheckpointFormatError, "w", "more bytes than its torch.bfloat16 tensor",
+                   dest={"w": torch.zeros(n, dtype=torch.bfloat16)})
+
+
 @pytest.mark.parametrize("where", ["start", "middle", "end"])
 def test_stock_item_with_garbled_bytes(stock: Path, watchdog: dict[str, bool], where: str) -> None:
     """Damage in the zip structure is refused; damage in the tensor's own bytes cannot be

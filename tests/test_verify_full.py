@@ -129,3 +129,18 @@ def test_a_damaged_stock_entry_fails_a_full_verify(tmp_path: Path) -> None:
     assert status == "failed" and "weights_only" in detail
     with pytest.raises(dcpx.DcpxError, match="step"):
         dcpx.load(_state(), tmp_path)
+
+
+def test_a_raw_item_of_another_size_than_its_metadata_fails_a_full_verify(tmp_path: Path) -> None:
+    from checkpoint_helpers import rewrite_metadata
+
+    dcpx.save({"w": torch.arange(16.0)}, tmp_path)
+
+    def claim(metadata: Any) -> None:
+        md = metadata.state_dict_metadata["w"]
+        md.size = md.chunks[0].sizes = torch.Size([8])
+
+    rewrite_metadata(tmp_path, claim)  # and the manifest, with its CRC-32C, is gone
+    assert _statuses(tmp_path)["w"] == ("missing", "no integrity transform")
+    status, detail = _statuses(tmp_path, full=True)["w"]
+    assert status == "failed" and "raw item holds 64 bytes, metadata expects 32" in detail

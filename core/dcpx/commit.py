@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import gc
 import io
 import os
 import re
@@ -187,13 +186,7 @@ class SaveLock:
                 raise
             raise CommitError(f"{path}: the lock file is a symbolic link; remove it and save again") from exc
         try:
-            try:
-                fcntl.flock(fd, mode | fcntl.LOCK_NB)
-            except BlockingIOError:
-                # the holder may be a writer of this process that is garbage but not collected yet
-                # (held in a reference cycle, or being collected): collect, then ask once more
-                gc.collect()
-                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EAGAIN, errno.EACCES):
@@ -230,6 +223,18 @@ class SaveLock:
             return False
         st = os.fstat(self._fds[-1])
         return stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+
+    def claim(self, directory: str) -> None:
+        """Mark the lock busy (writing or committing), unless a newer save of this process took
+        it over meanwhile; under the registry lock, so ``acquire`` cannot take it over between
+        the check and the mark."""
+        with SaveLock._registry:
+            if self.superseded:
+                raise CommitError(
+                    f"{directory}: a newer save to this path from this process took over before this one "
+                    "was written and committed (it had stopped between steps); nothing was committed"
+                )
+            self.busy = True
 
     def release(self) -> None:
         with SaveLock._registry:

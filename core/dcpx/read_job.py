@@ -25,7 +25,7 @@ from .manifest import SAVE_ID_RECORD
 from .pipeline import BoundChain, ItemDigests, codec_pool, decode_range
 from .torch_archive import check_stored_archive, weights_only_reason
 from .safetensors_io import starts_safetensors_file
-from .tensor_bytes import element_size, region, writable_bytes
+from .tensor_bytes import QUANTIZED, element_size, region, writable_bytes
 from .transform import ItemInfo, read_bounded
 
 if TYPE_CHECKING:
@@ -111,14 +111,11 @@ class ReadJob:
 
     # dcpx items: raw bytes or framed chunks -------------------------------------------
     def _native(self, target: torch.Tensor | None) -> Any:
-        marker, chain_desc = self.descriptors[0], self.descriptors[1:]
+        marker = self.descriptors[0]
         item = self.item_info()
         raw_size = item.nbytes if self.expected is not None else None
         if marker == RAW_DESCRIPTOR:
-            if chain_desc:
-                raise CheckpointFormatError(f"{self.where}: a raw item cannot list transforms {chain_desc}")
-            if raw_size is not None and self.length != raw_size:
-                raise CheckpointFormatError(f"{self.where}: raw item holds {self.length} bytes, metadata expects {raw_size}")
+            self.check_raw()
             size = self.length if raw_size is None else raw_size
 
             def fill(lo: int, hi: int, out: memoryview) -> None:
@@ -143,6 +140,14 @@ class ReadJob:
             fill(0, size, memoryview(buf))
             return buf.tobytes()
         return self._into_tensor(target, fill)
+
+    def check_raw(self) -> None:
+        """A raw item lists no transforms and, for a tensor, holds exactly its bytes."""
+        if self.descriptors[1:]:
+            raise CheckpointFormatError(f"{self.where}: a raw item cannot list transforms {self.descriptors[1:]}")
+        raw_size = self.item_info().nbytes if self.expected is not None else None
+        if raw_size is not None and self.length != raw_size:
+            raise CheckpointFormatError(f"{self.where}: raw item holds {self.length} bytes, metadata expects {raw_size}")
 
     def _read_into(self, pos: int, out: memoryview) -> None:
         """Fill ``out`` with the stored bytes at item-relative ``pos`` (one ``preadv``)."""
@@ -279,15 +284,17 @@ class ReadJob:
         from the metadata's: stock's writer stores what a planner that casts in ``resolve_data``
         returns, and stock's reader casts it into the destination (so does ``_stock``)."""
         dtype, shape = self.expected
-        # sized for the widest dtype a planner may have cast to
-        limit = math.prod(shape) * max(element_size(dtype), WIDEST_ELEMENT) + TORCH_SAVE_OVERHEAD
-        if self.descriptors:
+        numel = math.prod(shape)
+        if self.descriptors:  # decoded in memory: bounded by the recorded tensor, whatever a forger packs
+            limit = numel * element_size(dtype) + TORCH_SAVE_OVERHEAD
             data = read_bounded(self._decoded(), limit + 1)
             if len(data) > limit:
-                raise CheckpointFormatError(f"{self.where}: item decodes to more bytes than its tensor can hold")
+                raise CheckpointFormatError(f"{self.where}: item decodes to more bytes than its {dtype} tensor can hold "
+                                            "(stock items cast to a wider dtype are read only without transforms)")
             source: Any = io.BytesIO(data)
-        else:  # torch.load reads the storage straight from the file into the tensor, as stock torch does
-            if self.length > limit:
+        else:  # torch.load reads the storage straight from the file, as stock torch does: every byte
+            # is on disk, so the bound allows a planner's cast to the widest dtype
+            if self.length > numel * max(element_size(dtype), WIDEST_ELEMENT) + TORCH_SAVE_OVERHEAD:
                 raise CheckpointFormatError(f"{self.where}: item holds more bytes than its tensor can")
             source = ItemView(self.file.fd, self.offset, self.length)
         check_stored_archive(source, self.where)
@@ -305,6 +312,9 @@ class ReadJob:
             ) from exc
         if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
             raise CheckpointFormatError(f"{self.where}: stored tensor does not match metadata ({dtype}, {shape})")
+        if tensor.dtype != dtype and (tensor.dtype in QUANTIZED or dtype in QUANTIZED):
+            raise CheckpointFormatError(f"{self.where}: stores a {tensor.dtype} tensor where metadata records "
+                                        f"{dtype}; no cast copies one into the other")
         return tensor
 
     def _checkpoint_id(self) -> str:

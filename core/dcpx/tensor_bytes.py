@@ -13,6 +13,10 @@ if sys.byteorder != "little":  # the on-disk format is little-endian; say so ins
     raise ImportError("dcpx supports little-endian machines only")
 
 
+#: dtypes whose values need a scale and zero point besides the stored integers
+QUANTIZED = frozenset({torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4})
+
+
 def element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 

@@ -108,6 +108,9 @@ def _check(reader: FileSystemReader, files: DataFiles, index: MetadataIndex, req
 
 def _check_job(job: ReadJob, base: dict[str, Any], full: bool) -> ItemCheck:
     """Check one prepared item, its data file open."""
+    raw = job.descriptors[:1] == [RAW_DESCRIPTOR]
+    if full and raw:
+        job.check_raw()  # its size, as a load checks it
     if job.descriptors == [RAW_DESCRIPTOR] and job.length == 0:
         return ItemCheck(status="ok", detail="empty tensor: no bytes stored", **base)
     decodable = True
@@ -122,7 +125,9 @@ def _check_job(job: ReadJob, base: dict[str, Any], full: bool) -> ItemCheck:
         return ItemCheck(status=status, detail=detail, **base)
     if not job.is_tensor:  # every layer again, then unpickled as a default (weights-only) load does
         load_weights_only(job.run(None), job.where)
-    elif job.descriptors[:1] not in ([FRAME_DESCRIPTOR], [RAW_DESCRIPTOR]):
+    elif raw:  # nothing to decode: its size is checked above, its bytes by the CRC-32C if any
+        return ItemCheck(status=status, detail=detail, **base)
+    elif job.descriptors[:1] != [FRAME_DESCRIPTOR]:
         job.stored_tensor()  # a stock item: its torch.save archive, through its transforms
     detail = "no integrity transform" if status == "missing" else detail
     return ItemCheck(status=status, detail=f"decoded; {detail}", **base)

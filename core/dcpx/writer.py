@@ -214,14 +214,8 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
     def _claim_lock(self) -> None:
         """Mark the lock busy for writing or committing, unless a newer save took it over
         while this one was planning or waiting for its other ranks (see SaveLock)."""
-        if self._scope is None:
-            return
-        if self._scope.lock.superseded:
-            raise CommitError(
-                f"{self.path}: a newer save to this path from this process took over before this one "
-                "was written and committed (it had stopped between steps); nothing was committed"
-            )
-        self._scope.lock.busy = True
+        if self._scope is not None:
+            self._scope.lock.claim(self.path)
 
     # -- files -------------------------------------------------------------------------
     def _assign_files(self, items: list[WriteItem], data: PlanData) -> list[tuple[str, list[WriteItem]]]:
