@@ -313,6 +313,48 @@ def test_a_name_too_long_to_prefix_is_staged_under_a_digest(tmp_path: Path) -> N
     assert sorted(os.listdir(tmp_path)) == sorted([name, "src.pt"])
 
 
+def test_a_file_that_appears_meanwhile_is_not_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without overwrite, whatever another process put at DST during the conversion stays."""
+    import dcpx.convert as convert_module
+
+    torch.save({"w": torch.ones(4)}, tmp_path / "src.pt")
+
+    def others_file_appears(*args: Any, **kwargs: Any) -> None:
+        compare(*args, **kwargs)
+        (tmp_path / "out.pt").write_bytes(b"someone else's")
+
+    monkeypatch.setattr(convert_module, "compare", others_file_appears)
+    with pytest.raises(dcpx.ConfigError, match="left as it is"):
+        convert(tmp_path / "src.pt", tmp_path / "out.pt")
+    assert (tmp_path / "out.pt").read_bytes() == b"someone else's"
+    assert sorted(os.listdir(tmp_path)) == ["out.pt", "src.pt"]
+
+
+def test_a_failed_conversion_into_an_empty_directory_can_be_retried(tmp_path: Path) -> None:
+    dcp.save(tensors_only(), storage_writer=dcp.FileSystemWriter(tmp_path / "src"))
+    (name,) = data_files(tmp_path / "src")
+    whole = (tmp_path / "src" / name).read_bytes()
+    os.truncate(tmp_path / "src" / name, len(whole) - 64)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(dcpx.CheckpointFormatError, match="truncated"):
+        convert(tmp_path / "src", tmp_path / "out")
+    (tmp_path / "src" / name).write_bytes(whole)  # repaired: the same command again
+    assert convert(tmp_path / "src", tmp_path / "out").verified
+
+
+@pytest.mark.parametrize("name", ["out/.", "sub/../out", "out\udcff"], ids=["dot", "dotdot", "not-utf8"])
+def test_destination_spellings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    torch.save({"w": torch.ones(4)}, tmp_path / "src.pt")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    convert("src.pt", name)
+    out = os.path.normpath(name)
+    dest = {"w": torch.zeros(4)}
+    dcpx.load(dest, out)
+    assert torch.equal(dest["w"], torch.ones(4))
+    assert sorted(os.listdir(tmp_path)) == sorted([out, "src.pt", "sub"])
+
+
 def test_an_empty_path_is_refused(tmp_path: Path) -> None:
     torch.save({"w": torch.ones(4)}, tmp_path / "src.pt")
     with pytest.raises(dcpx.ConfigError, match="empty destination"):

@@ -39,7 +39,7 @@ from .convert_staging import Staging
 from .errors import CheckpointFormatError, ConfigError, DcpxError
 from .pipeline import DEFAULT_CHUNK_SIZE
 from .safetensors_io import _DTYPES as SAFETENSORS_DTYPES
-from .tensor_bytes import region
+from .tensor_bytes import QUANTIZED, region
 from .transform import Transform
 from .writer import FileSystemWriter
 from .convert_sources import (
@@ -103,7 +103,7 @@ def convert(
     # until then, and the directory keeps its owner, mode and mount); a new destination or a
     # file it replaces is staged, and appears only once checked
     in_place = dst_format == "dcp" and os.path.isdir(dst)
-    with nullcontext() if in_place else Staging(dst) as stage:
+    with nullcontext() if in_place else Staging(dst, replace=overwrite) as stage:
         target = dst if stage is None else stage.path
         if dst_format == "dcp":
             writer = FileSystemWriter(target, transforms=transforms, compat=compat, chunk_size=chunk_size,
@@ -124,9 +124,6 @@ def convert(
             stage.publish()
     report.seconds = time.monotonic() - started
     return report
-
-
-QUANTIZED = frozenset({torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4})
 
 
 def _refuse_quantized(source: _Source) -> None:
@@ -302,6 +299,10 @@ def _unshared(flat: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 # -- helpers -----------------------------------------------------------------------------
+# a save's lock files, which stay in a directory a failed conversion wrote into
+_LOCK_FILE = re.compile(r"\.dcpx(-\d+)?\.lock")
+
+
 def _check_paths(src: str, dst: str, dst_format: str, overwrite: bool) -> None:
     if not src or not dst:
         raise ConfigError(f"an empty {'source' if not src else 'destination'} path; name a checkpoint or file")
@@ -312,7 +313,7 @@ def _check_paths(src: str, dst: str, dst_format: str, overwrite: bool) -> None:
     if dst_format == "dcp":
         if os.path.exists(dst) and not os.path.isdir(dst):
             raise ConfigError(f"{dst}: exists and is not a directory (a DCP checkpoint is a directory)")
-        if os.path.isdir(dst) and os.listdir(dst) and not overwrite:
+        if os.path.isdir(dst) and not overwrite and any(not _LOCK_FILE.fullmatch(n) for n in os.listdir(dst)):
             raise ConfigError(f"{dst}: already exists; pass --overwrite (overwrite=True) to replace it")
     else:
         if os.path.isdir(dst):

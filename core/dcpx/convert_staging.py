@@ -26,18 +26,19 @@ NAME_MAX = 255
 def staging_name(name: str) -> str:
     """``.<name>.dcpx-convert``, or a digest of ``name`` where that is too long a file name."""
     full = f".{name}{SUFFIX}"
-    if len(full.encode()) <= NAME_MAX:
+    if len(os.fsencode(full)) <= NAME_MAX:
         return full
-    return f".{hashlib.sha256(name.encode()).hexdigest()[:32]}{SUFFIX}"
+    return f".{hashlib.sha256(os.fsencode(name)).hexdigest()[:32]}{SUFFIX}"
 
 
 class Staging:
     """``with Staging(dst) as stage``: write and check ``stage.path``, then ``publish()``;
     leaving the block removes whatever was not published."""
 
-    def __init__(self, dst: str) -> None:
+    def __init__(self, dst: str, replace: bool) -> None:
         parent, name = os.path.split(os.path.abspath(dst))
-        self.dst, self.parent = dst, parent
+        self.dst, self.parent, self.replace = dst, parent, replace
+        self.final = os.path.join(parent, name)  # where it goes: ``out/.`` is ``out``
         self.root = os.path.join(parent, staging_name(name))
         self.path = os.path.join(self.root, name)  # the same name: formats are told by suffix
         self._fd = -1
@@ -59,27 +60,36 @@ class Staging:
             fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                held = os.fstat(fd)
+                try:
+                    current = os.stat(self.root, follow_symlinks=False)
+                except FileNotFoundError:
+                    current = None
+            except BaseException as exc:
                 os.close(fd)
-                raise ConfigError(f"{self.dst}: another conversion to this destination is running "
-                                  f"(it writes {self.root})") from None
-            try:
-                current = os.stat(self.root, follow_symlinks=False)
-            except FileNotFoundError:
-                current = None
-            held = os.fstat(fd)
+                if isinstance(exc, BlockingIOError):
+                    raise ConfigError(f"{self.dst}: another conversion to this destination is running "
+                                      f"(it writes {self.root})") from None
+                raise
             if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
                 return fd
             os.close(fd)
         raise ConfigError(f"{self.dst}: could not lock {self.root}: it keeps being replaced")
 
     def publish(self) -> None:
-        """Move the checked copy to the destination with one rename (over a file it replaces)."""
+        """Move the checked copy to the destination with one rename: over a file only with
+        ``replace``; otherwise whatever appeared there meanwhile is left as it is."""
         try:
-            os.replace(self.path, self.dst)
-        except OSError as exc:  # something else created the destination meanwhile
-            raise ConfigError(f"{self.dst}: cannot be put in place ({exc}); it was created by something else "
-                              "during the conversion, and was left as it is") from exc
+            if self.replace and not os.path.isdir(self.path):
+                os.replace(self.path, self.final)
+            elif os.path.isdir(self.path):
+                os.rename(self.path, self.final)  # onto nothing (or an empty directory); never a checkpoint
+            else:
+                os.link(self.path, self.final)  # refused where a file exists, unlike a rename
+                os.unlink(self.path)
+        except OSError as exc:
+            raise ConfigError(f"{self.dst}: the checked copy cannot be put in place ({exc}); something else "
+                              "created it during the conversion, and it was left as it is") from exc
         fsync_dir(self.parent)
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
