@@ -104,6 +104,8 @@ def _check(reader: FileSystemReader, files: DataFiles, index: MetadataIndex, req
             return _check_job(job, base, full)
     except DcpxError as exc:
         return ItemCheck(status="failed", detail=str(exc), **base)
+    except OSError as exc:  # the system refused a read (an I/O error), as a load reports it
+        return ItemCheck(status="failed", detail=f"{index.fqn}: cannot read the data file: {exc}", **base)
 
 
 def _check_job(job: ReadJob, base: dict[str, Any], full: bool) -> ItemCheck:
