@@ -120,10 +120,30 @@ def test_a_forged_stock_tensor_size_fails_a_full_verify(tmp_path: Path, zstd: bo
     assert status == "failed" and "'__0_0.distcp'" in detail, detail
 
 
-def test_a_damaged_stock_entry_fails_a_full_verify(tmp_path: Path) -> None:
-    """Entries are unpickled as a default (weights-only) load unpickles them."""
-    _stock_with_damaged_start(tmp_path, "step")
+class Opaque:
+    """A class torch's weights-only unpickler does not admit."""
 
+
+def test_a_stock_entry_a_default_load_refuses_fails_a_full_verify(tmp_path: Path) -> None:
+    """Entries are unpickled as a default (weights-only) load unpickles them."""
+    import io
+
+    from checkpoint_helpers import rewrite_metadata
+
+    dcp.save(_state(), storage_writer=dcp.FileSystemWriter(tmp_path))
+    with open(tmp_path / ".metadata", "rb") as f:
+        info = storage_items(pickle.load(f))["step"]
+    payload = io.BytesIO()
+    torch.save(Opaque(), payload)
+    with open(tmp_path / info.relative_path, "ab") as f:
+        offset = f.tell()
+        f.write(payload.getvalue())
+
+    def point(metadata: Any) -> None:
+        entry = storage_items(metadata)["step"]
+        entry.offset, entry.length = offset, len(payload.getvalue())
+
+    rewrite_metadata(tmp_path, point)
     assert _statuses(tmp_path)["step"][0] == "missing"
     status, detail = _statuses(tmp_path, full=True)["step"]
     assert status == "failed" and "weights_only" in detail

@@ -297,16 +297,16 @@ class ReadJob:
             if self.length > numel * max(element_size(dtype), WIDEST_ELEMENT) + TORCH_SAVE_OVERHEAD:
                 raise CheckpointFormatError(f"{self.where}: item holds more bytes than its tensor can")
             source = ItemView(self.file.fd, self.offset, self.length)
+        if starts_safetensors_file(os.pread(self.file.fd, 9, self.offset)):
+            raise CheckpointFormatError(
+                f"{self.where}: holds a safetensors header, not a torch.save tensor: stock torch's "
+                "serialization_format=SAFETENSORS records offsets that point every tensor at the start of "
+                "its file, so neither stock torch nor dcpx can read it back"
+            )
         check_stored_archive(source, self.where)
         try:
             tensor = torch.load(source, map_location="cpu", weights_only=True)
         except Exception as exc:
-            if starts_safetensors_file(os.pread(self.file.fd, 9, self.offset)):
-                raise CheckpointFormatError(
-                    f"{self.where}: holds a safetensors header, not a torch.save tensor: stock torch's "
-                    "serialization_format=SAFETENSORS records offsets that point every tensor at the start of "
-                    "its file, so neither stock torch nor dcpx can read it back"
-                ) from exc
             raise CheckpointFormatError(
                 f"{self.where}: not a valid torch.save tensor ({type(exc).__name__}: {weights_only_reason(str(exc))})"
             ) from exc

@@ -12,11 +12,13 @@ from __future__ import annotations
 import io
 import struct
 import zipfile
-from typing import IO, Any
+from contextlib import contextmanager
+from typing import IO, Any, Iterator
 
 import torch
 
 from .errors import CheckpointFormatError, UnsafeCheckpointError
+from .pickle_nesting import check_nesting
 from .safe_pickle import BUFFER_GLOBALS, safe_loads
 
 _LOCAL_HEADER = b"PK\x03\x04"
@@ -33,20 +35,24 @@ def check_stored_archive(stream: IO[bytes], where: str) -> None:
     torch's reader could read otherwise than ``zipfile`` does.  ``torch.save`` stores members
     as they are, but ``torch.load`` inflates a DEFLATE member whole before any check: a 1 MB
     item could claim a gigabyte.  A zip archive this check cannot read is refused too
-    (torch's own reader might read it, and inflate it); anything else is left to
-    ``torch.load`` to judge."""
+    (torch's own reader might read it, and inflate it), and so is anything but a zip archive
+    (``torch.save`` has written nothing else since torch 1.6).  The pickle is walked for tuples
+    nested deeper than hashing them survives (``pickle_nesting``)."""
     start = stream.tell()
-    is_zip = stream.read(4) == _LOCAL_HEADER
+    if stream.read(4) != _LOCAL_HEADER:
+        stream.seek(start)
+        raise CheckpointFormatError(f"{where}: not a torch.save archive (torch.save writes a zip archive, "
+                                    "and this item does not start with one)")
     stream.seek(start)
     try:
         with zipfile.ZipFile(stream) as archive:
             infos = archive.infolist()
-        packed = next((i for i in infos if i.compress_type != zipfile.ZIP_STORED or i.file_size != i.compress_size), None)
-        ambiguous = _ambiguity(stream, start, infos) if is_zip else None
+            packed = next((i for i in infos if i.compress_type != zipfile.ZIP_STORED or i.file_size != i.compress_size), None)
+            ambiguous = _ambiguity(stream, start, infos)
+            pickles = [i for i in infos if packed is None and ambiguous is None
+                       and i.filename.rpartition("/")[2] == "data.pkl"]
     except Exception as exc:  # zipfile raises many types on damaged input (NotImplementedError too)
-        if is_zip:
-            raise CheckpointFormatError(f"{where}: damaged torch.save archive ({type(exc).__name__}: {exc})") from exc
-        packed = ambiguous = None
+        raise CheckpointFormatError(f"{where}: damaged torch.save archive ({type(exc).__name__}: {exc})") from exc
     finally:
         stream.seek(start)
     if ambiguous is not None:
@@ -60,6 +66,33 @@ def check_stored_archive(stream: IO[bytes], where: str) -> None:
             f"({packed.compress_size} bytes that claim {packed.file_size}); torch.save never compresses, "
             "and inflating it would be unbounded"
         )
+    for info in pickles:  # before torch's unpickler hashes a tuple nested too deep to survive
+        with _member(stream, start, info, where) as pickled:
+            check_nesting(pickled, where)
+
+
+@contextmanager
+def _member(stream: IO[bytes], start: int, info: zipfile.ZipInfo, where: str) -> Iterator[memoryview]:
+    """The bytes of a stored (uncompressed) member, without a copy where ``stream`` is in memory."""
+    stream.seek(start + info.header_offset)
+    header = stream.read(30)
+    if len(header) != 30 or header[:4] != _LOCAL_HEADER:
+        raise CheckpointFormatError(f"{where}: damaged torch.save archive (no local header for {info.filename!r:.80})")
+    at = start + info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+    try:
+        if isinstance(stream, io.BytesIO):  # getvalue() is the very bytes it was made from
+            with memoryview(stream.getvalue()) as whole, whole[at:at + info.file_size] as view:
+                if len(view) != info.file_size:
+                    raise CheckpointFormatError(f"{where}: damaged torch.save archive ({info.filename!r:.80} is cut short)")
+                yield view
+        else:
+            stream.seek(at)
+            data = stream.read(info.file_size)
+            if len(data) != info.file_size:
+                raise CheckpointFormatError(f"{where}: damaged torch.save archive ({info.filename!r:.80} is cut short)")
+            yield memoryview(data)
+    finally:
+        stream.seek(start)
 
 
 def _ambiguity(stream: IO[bytes], start: int, infos: list[zipfile.ZipInfo]) -> str | None:
