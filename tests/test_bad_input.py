@@ -198,7 +198,8 @@ def test_truncated_data_file(ckpt: Path, watchdog: dict[str, bool], keep: float)
 
 
 @pytest.mark.parametrize("name", ["../outside.distcp", "a/../../outside.distcp", "..\\outside.distcp",
-                                  "sub/../../outside.distcp", "ABSOLUTE", "with\x00nul.distcp", ""])
+                                  "sub/../../outside.distcp", "ABSOLUTE", "with\x00nul.distcp", "",
+                                  "\ud800.distcp"])  # a lone surrogate: no file name the system takes
 def test_relative_path_escapes(ckpt: Path, watchdog: dict[str, bool], name: str) -> None:
     file = _items(ckpt)["model.w"].relative_path
     outside = ckpt.parent / "outside.distcp"

@@ -154,6 +154,27 @@ def test_verify_full_fails_a_stock_item_that_does_not_decode(results: dict[str, 
     assert "FAILED  model.embed.weight" in r.stdout and "0 verified, 1 failed, 7 without a digest" in r.stdout
 
 
+def test_names_no_encoding_can_print_are_escaped(tmp_path: Path) -> None:
+    """An entry name with a lone surrogate (a pickle may hold one) is printed escaped."""
+    import subprocess
+    import sys
+
+    import torch
+
+    dcp.save({"w": torch.ones(2)}, storage_writer=dcp.FileSystemWriter(tmp_path))
+
+    def rename(metadata: Any) -> None:
+        metadata.state_dict_metadata["w\ud800"] = metadata.state_dict_metadata.pop("w")
+        for index in metadata.storage_data:
+            object.__setattr__(index, "fqn", "w\ud800")
+
+    rewrite_metadata(tmp_path, rename)
+    run = subprocess.run([sys.executable, "-m", "dcpx", "verify", str(tmp_path), "--full", "--quiet"],
+                         capture_output=True, text=True, errors="replace", timeout=120)
+    assert run.returncode == 1, run.stderr
+    assert "NO DIGEST  w\\ud800" in run.stdout and "0 verified, 0 failed, 1 without a digest" in run.stdout
+
+
 def test_verify_bad_path_is_a_usage_error(results: dict[str, Any]) -> None:
     r = results["verify_missing_path"]
     assert r.returncode == 2

@@ -164,3 +164,25 @@ def test_a_raw_item_of_another_size_than_its_metadata_fails_a_full_verify(tmp_pa
     assert _statuses(tmp_path)["w"] == ("missing", "no integrity transform")
     status, detail = _statuses(tmp_path, full=True)["w"]
     assert status == "failed" and "raw item holds 64 bytes, metadata expects 32" in detail
+
+
+@pytest.mark.parametrize("offset, index", [(5, None), (("a",), None), (None, "0")])
+def test_a_storage_key_of_the_wrong_shape_is_refused_with_the_metadata(tmp_path: Path, offset: Any, index: Any) -> None:
+    """A forged key reaches no code that would take it apart: .metadata itself is refused."""
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    from checkpoint_helpers import rewrite_metadata
+
+    dcpx.save({"w": torch.randn(4, 4), "step": 7}, tmp_path)
+
+    def forge(metadata: Any) -> None:
+        key = next(k for k in metadata.storage_data if k.fqn == "w")
+        forged = MetadataIndex.__new__(MetadataIndex)
+        for name, value in (("fqn", "w"), ("offset", offset), ("index", index)):
+            object.__setattr__(forged, name, value)
+        metadata.storage_data[forged] = metadata.storage_data.pop(key)
+
+    rewrite_metadata(tmp_path, forge)
+    for read in (lambda: verify_checkpoint(str(tmp_path), full=True), lambda: dcpx.load({"w": torch.zeros(4, 4)}, tmp_path)):
+        with pytest.raises(dcpx.CheckpointFormatError, match="storage entry of 'w'.*its key has offset"):
+            read()

@@ -30,9 +30,18 @@ def directory(path: str | os.PathLike) -> str:
     return os.fspath(path) or "."
 
 
+def _encodable(name: str) -> bool:
+    """Whether ``name`` is a file name the system can be asked for (a lone surrogate is not)."""
+    try:
+        os.fsencode(name)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def confine(root: str, relative: Any, where: str) -> str:
     """Resolve ``relative`` inside ``root`` or raise; symlinks may not lead outside."""
-    if not isinstance(relative, str) or not relative or "\x00" in relative:
+    if not isinstance(relative, str) or not relative or "\x00" in relative or not _encodable(relative):
         raise UnsafeCheckpointError(f"{where}: invalid data file name {relative!r}")
     parts = relative.replace("\\", "/").split("/")
     if os.path.isabs(relative) or relative.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:

@@ -132,13 +132,18 @@ def check_storage_entry(index: Any, info: _StorageInfo, where: str) -> None:
     # torch pickles _StorageInfo without its None fields, so a forged entry may lack any of them
     rel, offset, length = (getattr(info, f, None) for f in ("relative_path", "offset", "length"))
     descriptors = getattr(info, "transform_descriptors", None)
-    named = isinstance(index, MetadataIndex) and type(getattr(index, "fqn", None)) is str
+    named = isinstance(index, MetadataIndex) and type(getattr(index, "fqn", None)) is str and _shard_key(index)
     placed = type(offset) is int and type(length) is int and 0 <= offset < _INT_LIMIT and 0 <= length < _INT_LIMIT
     listed = descriptors is None or isinstance(descriptors, (list, tuple)) and all(type(d) is str for d in descriptors)
     if named and type(rel) is str and placed and listed:
         return
     fqn = getattr(index, "fqn", index)
     what = f"{where}: storage entry of {_shown(fqn, 200)} (file {_shown(rel, 80)})"
+    if not named and isinstance(index, MetadataIndex) and type(getattr(index, "fqn", None)) is str:
+        raise CheckpointFormatError(
+            f"{what}: its key has offset {_shown(getattr(index, 'offset', None), 60)} and index "
+            f"{_shown(getattr(index, 'index', None), 40)}; an offset is a sequence of integers or None, an index an integer or None"
+        )
     if not named:
         raise CheckpointFormatError(f"{what}: its key is a {type(index).__name__}, not a MetadataIndex naming an entry")
     if type(rel) is not str:
@@ -146,6 +151,13 @@ def check_storage_entry(index: Any, info: _StorageInfo, where: str) -> None:
     if not placed:
         raise CheckpointFormatError(f"{what}: offset {_shown(offset, 40)} and length {_shown(length, 40)} must be non-negative integers below 2**63")
     raise CheckpointFormatError(f"{what}: transform descriptors {_shown(descriptors, 120)} must be a list of strings")
+
+
+def _shard_key(index: MetadataIndex) -> bool:
+    """A key's ``offset`` is None or a sequence of integers, its ``index`` None or an integer."""
+    offset, position = getattr(index, "offset", None), getattr(index, "index", None)
+    offsets_ok = offset is None or isinstance(offset, (tuple, list)) and all(type(o) is int for o in offset)
+    return offsets_ok and (position is None or type(position) is int)
 
 
 def _check_flattening_paths(planner_data: dict[Any, Any], where: str) -> None:
