@@ -28,7 +28,8 @@ def _nested(depth: int) -> bytes:
 def test_legitimate_pickles_pass() -> None:
     state = {"model": {"w": torch.randn(3, 4), "layers": [{"b": torch.ones(2)} for _ in range(100)]},
              "optim": {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"lr": 0.1, "betas": (0.9, 0.99)}]},
-             "nested": ((((1, 2), 3), 4), 5), "size": torch.Size([2, 3]), "set": {1, 2, (3, 4)}}
+             "nested": ((((1, 2), 3), 4), 5), "size": torch.Size([2, 3]), "set": {1, 2, (3, 4)},
+             "pairs": [(i, (str(i), (i, 0.5))) for i in range(100)]}  # enough tuples to be walked
     for protocol in range(0, pickle.HIGHEST_PROTOCOL + 1):
         plain = {k: v for k, v in state.items() if k not in ("model", "optim", "size")}
         check_nesting(pickle.dumps(plain, protocol=protocol), "x")
@@ -57,7 +58,11 @@ def test_depth_travels_through_the_memo_and_mutated_lists() -> None:
 
 
 def test_what_is_not_a_pickle_is_left_to_the_unpickler() -> None:
-    for junk in (b"", b"\xff\xfe", b"(((((", b"h\x07.", b"\x80\x02X\xff\xff\xff\x7f"):
+    """Streams an unpickler fails on before it builds anything deep: the walk stops there too
+    (each holds enough deepening bytes to be walked)."""
+    deepening = b"\x85" * (2 * MAX_TUPLE_NESTING)
+    for junk in (b"\xff" + deepening, b"((((((" + b"t" * (2 * MAX_TUPLE_NESTING), b"h\x07" + deepening,
+                 b"\x80\x02X\xff\xff\xff\x7f" + deepening):
         check_nesting(junk, "x")
 
 

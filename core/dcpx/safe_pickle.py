@@ -18,6 +18,7 @@ import torch
 
 from .errors import UnsafeCheckpointError
 from .gc_pause import gc_paused
+from .pickle_nesting import MAX_TUPLE_NESTING
 
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
 _ALLOWED: set[tuple[str, str]] = {
@@ -92,10 +93,8 @@ BUFFER_GLOBALS = frozenset(
     | {("__builtin__", n) for n in ("set", "frozenset", "tuple", "list", "dict", "complex")}
 )
 
-# Tuples hash their items recursively in C with no depth check: a 200 KB pickle of tuples
-# nested 200,000 deep crashes the interpreter the moment one is used as a dict key.  DCP
-# metadata nests tuples two or three deep.
-MAX_TUPLE_NESTING = 64
+# Tuples nest at most MAX_TUPLE_NESTING deep, as in any pickle dcpx reads (see pickle_nesting:
+# hashing deeper ones crashes the interpreter).  DCP metadata nests tuples two or three deep.
 # Allowed callables such as ``list`` can copy one memoised string or list again and again,
 # a few bytes of pickle for every megabyte built.  Everything they return together may hold
 # this many elements per byte of the file (plus a floor), which no real metadata approaches.
