@@ -461,11 +461,11 @@ import dcpx
 host = dcpx.plugin_host()
 failures = [vars(f) for f in host.failures()]
 regs = {r.name: r.source for r in host.registrations()}
-d = tempfile.mkdtemp()
 sd = {"t": torch.arange(100, dtype=torch.int64)}
-dcpx.save(sd, d, transforms=["toygood"])
 out = {"t": torch.zeros(100, dtype=torch.int64)}
-dcpx.load(out, d)
+with tempfile.TemporaryDirectory() as d:
+    dcpx.save(sd, d, transforms=["toygood"])
+    dcpx.load(out, d)
 print(json.dumps({"failures": failures, "regs": regs, "ok": bool(torch.equal(out["t"], sd["t"]))}))
 '''
 
