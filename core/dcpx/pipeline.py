@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from .errors import CheckpointFormatError, DcpxError, IntegrityError
+from .errors import CheckpointFormatError, ConfigError, DcpxError, IntegrityError
 from .framing import FrameIndex, chunk_count
 from .transform import Buffer, ChunkInfo, ItemInfo, Transform
 
@@ -24,6 +24,15 @@ DEFAULT_CHUNK_SIZE = 1 << 20
 
 def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def checked_workers(workers: int | None) -> int:
+    """A ``workers=`` argument: None for one thread per available core, else a positive count."""
+    if workers is None:
+        return default_workers()
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"workers must be a positive number of threads (or None for one per core), not {workers!r}")
+    return workers
 
 
 _pool_lock = threading.Lock()
@@ -277,5 +286,8 @@ def decode_range(
         for fut in futures:
             fut.result()
     finally:
+        # on a failure, chunks already running still write into ``out`` (perhaps the
+        # caller's tensor): they must be done before the error reaches the caller
         for fut in futures:
             fut.cancel()
+        wait(futures)

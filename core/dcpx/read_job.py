@@ -9,6 +9,7 @@ dcpx items are raw bytes (read straight into the destination tensor) or framed c
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import math
 import os
@@ -26,7 +27,7 @@ from .pipeline import BoundChain, ItemDigests, codec_pool, decode_range
 from .torch_archive import check_stored_archive, weights_only_reason
 from .safetensors_io import starts_safetensors_file
 from .tensor_bytes import QUANTIZED, element_size, region, writable_bytes
-from .transform import ItemInfo, read_bounded
+from .transform import ItemInfo, read_bounded, stream_limit
 
 if TYPE_CHECKING:
     from .reader import FileSystemReader
@@ -116,7 +117,7 @@ class ReadJob:
         raw_size = item.nbytes if self.expected is not None else None
         if marker == RAW_DESCRIPTOR:
             self.check_raw()
-            size = self.length if raw_size is None else raw_size
+            size = self._entry_size() if raw_size is None else raw_size
 
             def fill(lo: int, hi: int, out: memoryview) -> None:
                 if self.recorded_crc is not None and (lo, hi) == (0, self.length):
@@ -124,9 +125,8 @@ class ReadJob:
                 else:
                     self._read_into(lo, out)
         else:
-            index, chain = self.frame(raw_size)
+            index, chain, item = self.frame(raw_size)
             size = index.raw_size
-            item = ItemInfo(item.fqn, size, item.dtype, item.shape, item.offsets, item.checkpoint_id)
             pool = codec_pool(self.reader.workers) if index.count > 1 else None
             digests = ItemDigests(chain, item, index.count, self.records)
 
@@ -140,6 +140,14 @@ class ReadJob:
             fill(0, size, memoryview(buf))
             return buf.tobytes()
         return self._into_tensor(target, fill)
+
+    def _entry_size(self) -> int:
+        """The size of a non-tensor entry stored as it is, refused before it is read when
+        it exceeds ``max_item_bytes``."""
+        if self.length > self.reader.max_item_bytes:
+            raise CheckpointFormatError(f"{self.where}: entry holds {self.length} bytes, more than "
+                                        f"max_item_bytes={self.reader.max_item_bytes}")
+        return self.length
 
     def check_raw(self) -> None:
         """A raw item lists no transforms and, for a tensor, holds exactly its bytes."""
@@ -189,8 +197,10 @@ class ReadJob:
             value = digest.crc(self.pread(pos, min(block, self.length - pos)), value)
         digest.check(value, self.recorded_crc, self.where)
 
-    def frame(self, raw_size: int | None) -> tuple[FrameIndex, BoundChain]:
-        """Validate a framed item's index and build its decode chain."""
+    def frame(self, raw_size: int | None) -> tuple[FrameIndex, BoundChain, ItemInfo]:
+        """Validate a framed item's index and build its decode chain; with them the
+        ``ItemInfo`` its chunks were encoded against (a non-tensor item's size is the
+        index's, as the writer saw it), the one place load and ``verify`` take it from."""
         chain_desc = self.descriptors[1:]
         if self.descriptors[0] != FRAME_DESCRIPTOR or not chain_desc:
             raise CheckpointFormatError(f"{self.where}: malformed dcpx descriptor list {self.descriptors}")
@@ -201,7 +211,8 @@ class ReadJob:
         index = parse_index(footer, body, self.length, len(chain_desc), self.where, raw_size, limit)
         innermost_first = list(reversed(chain_desc))
         transforms = tuple(self.reader.transform_for(d, self.where) for d in innermost_first)
-        return index, BoundChain(transforms, tuple(innermost_first))
+        item = dataclasses.replace(self.item_info(), nbytes=index.raw_size)
+        return index, BoundChain(transforms, tuple(innermost_first)), item
 
     def item_info(self) -> ItemInfo:
         if self.expected is None:
@@ -253,17 +264,22 @@ class ReadJob:
         return target
 
     # stock torch items: torch.save payloads through torch-style stream transforms ------
-    def _decoded(self) -> Any:
-        """The item's bytes through its torch-style stream transforms, as a stream."""
+    def _decoded(self, limit: int) -> Any:
+        """The item's bytes through its torch-style stream transforms, as a stream.  Callers
+        read at most ``limit`` bytes of it; a dcpx layer, which decodes all at once, may not
+        claim more than that either (a forged header would otherwise size its buffer)."""
         stream: Any = io.BytesIO(self.pread(0, self.length))
-        # stock torch records descriptors innermost first; undo the outermost first
-        for text in reversed(self.descriptors):
-            stream = self.reader.transform_for(text, self.where).transform_from(stream)
+        with stream_limit(limit):
+            # stock torch records descriptors innermost first; undo the outermost first
+            for text in reversed(self.descriptors):
+                stream = self.reader.transform_for(text, self.where).transform_from(stream)
         return stream
 
     def _stock(self, target: torch.Tensor | None) -> Any:
         if self.expected is None:
-            data = read_bounded(self._decoded(), self.reader.max_item_bytes + 1)
+            if not self.descriptors:
+                self._entry_size()
+            data = read_bounded(self._decoded(self.reader.max_item_bytes), self.reader.max_item_bytes + 1)
             if len(data) > self.reader.max_item_bytes:
                 raise CheckpointFormatError(f"{self.where}: item decodes to more than {self.reader.max_item_bytes} bytes")
             if self.recorded_crc is not None:
@@ -287,7 +303,7 @@ class ReadJob:
         numel = math.prod(shape)
         if self.descriptors:  # decoded in memory: bounded by the recorded tensor, whatever a forger packs
             limit = numel * element_size(dtype) + TORCH_SAVE_OVERHEAD
-            data = read_bounded(self._decoded(), limit + 1)
+            data = read_bounded(self._decoded(limit), limit + 1)
             if len(data) > limit:
                 raise CheckpointFormatError(f"{self.where}: item decodes to more bytes than its {dtype} tensor can hold "
                                             "(stock items cast to a wider dtype are read only without transforms)")

@@ -26,11 +26,11 @@ from . import commit, digest, manifest
 from .checkpoint_files import directory, load_manifest, load_metadata
 from .data_files import DataFiles
 from .descriptor import parse
-from .errors import CheckpointFormatError, DcpxError, IntegrityError, PolicyError
+from .errors import CheckpointFormatError, ConfigError, DcpxError, IntegrityError, PolicyError
 from .framing import MARKERS
 from .metadata_check import check_storage_entry
 from .non_tensor import hand_over
-from .pipeline import default_workers
+from .pipeline import checked_workers
 from .plugins import as_transform, host
 from .read_job import ReadJob
 from .read_window import ReadWindow
@@ -73,7 +73,7 @@ class FileSystemReader(StorageReader):
         super().__init__()
         self.fs = FileSystem()
         self.path = directory(path)
-        self.workers = workers or default_workers()
+        self.workers = checked_workers(workers)
         self.max_item_bytes = max_item_bytes
         self.weights_only = weights_only
         self.expected_checkpoint_id = checkpoint_id
@@ -84,7 +84,7 @@ class FileSystemReader(StorageReader):
         # torch's experimental ExtensionRegistry: its classes read descriptors that no
         # installed plugin provides (installed plugins win, e.g. dcpx-zstd for stream.zstd)
         self._extensions: dict[str, type] = dict(getattr(_extension_registry, "extensions", None) or {})
-        self.require = [host().resolve_name(r) if "@" not in r and "/" not in r else r for r in require]
+        self.require = [_required_name(r) for r in require]
         self._cache: dict[str, Transform] = {}
         self.storage_data: dict[MetadataIndex, Any] = {}
         self.metadata: Metadata | None = None
@@ -317,6 +317,15 @@ class FileSystemReader(StorageReader):
                 raise type(exc)(f"{where}: {exc}") from exc
             self._cache[text] = cached
         return cached
+
+
+def _required_name(name: str) -> str:
+    """A ``require=`` entry as items' descriptors name it: short names resolved (``"encrypt"``
+    is ``stream.encrypt@dcpx``); a version cannot be required, so one is refused."""
+    if "/" in name:
+        raise ConfigError(f"require= takes transform names, not descriptors: pass {descriptor_name(name)!r}, "
+                          f"not {name!r} (any version of a required transform satisfies it)")
+    return name if "@" in name else host().resolve_name(name)
 
 
 def _keyed_default(name: str) -> Transform | None:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import abc
 import io
 import struct
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import IO, Any, ClassVar, Mapping
+from typing import IO, Any, ClassVar, Iterator, Mapping
 
 import torch
 from torch.distributed.checkpoint._extension import StreamTransformExtension
@@ -165,9 +167,26 @@ class Transform(StreamTransformExtension):
 
 
 # A whole stream handed to a dcpx transform through torch's stream API is one chunk,
-# prefixed with its raw length so the decoder knows the exact size to expect.
+# prefixed with its raw length so the decoder knows the exact size to expect.  dcpx's reader
+# bounds that length by what the item may hold (``stream_limit``); stock torch's reader
+# gets STREAM_MAX_BYTES.
 _STREAM_HEADER = struct.Struct("<Q")
 STREAM_MAX_BYTES = 1 << 34
+STREAM_LAYER_SLACK = 1 << 20
+_stream_limit: ContextVar[int] = ContextVar("dcpx_stream_limit", default=STREAM_MAX_BYTES)
+
+
+@contextmanager
+def stream_limit(limit: int) -> Iterator[None]:
+    """Bound the size each dcpx layer opened with ``transform_from`` in this context may
+    claim to ``limit`` plus ``STREAM_LAYER_SLACK`` (an outer layer's output carries the inner
+    layers' own headers).  The layer decodes eagerly, so without this eight bytes of header
+    could make it allocate gigabytes for an item that holds a few."""
+    token = _stream_limit.set(min(limit + STREAM_LAYER_SLACK, STREAM_MAX_BYTES))
+    try:
+        yield
+    finally:
+        _stream_limit.reset(token)
 
 
 def _stream_chunk(size: int) -> ChunkInfo:
@@ -202,9 +221,14 @@ def _decode_stream(transform: Transform, input: IO[bytes]) -> IO[bytes]:
     if len(header) != _STREAM_HEADER.size:
         raise CheckpointFormatError(f"{transform.name}: stream shorter than its header")
     (size,) = _STREAM_HEADER.unpack(header)
-    if size > STREAM_MAX_BYTES:
-        raise CheckpointFormatError(f"{transform.name}: stream claims {size} bytes")
-    decoded = transform.decode(memoryview(input.read()), _stream_chunk(size), size)
+    limit = _stream_limit.get()
+    if size > limit:
+        raise CheckpointFormatError(f"{transform.name}: stream claims {size} bytes; this item may hold at most {limit}")
+    # the layer outside may itself be a lazy decoder (torch's zstd): read only what may be held
+    data = read_bounded(input, limit + 1)
+    if len(data) > limit:
+        raise CheckpointFormatError(f"{transform.name}: stream holds more than the {limit} bytes this item may hold")
+    decoded = transform.decode(memoryview(data), _stream_chunk(size), size)
     if len(decoded) != size:
         raise IntegrityError(f"{transform.name}: decoded {len(decoded)} bytes, expected {size}")
     return io.BytesIO(decoded)

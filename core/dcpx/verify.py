@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
 
 from .errors import DcpxError
 from .framing import FRAME_DESCRIPTOR, RAW_DESCRIPTOR
-from .pipeline import ItemDigests, decode_chunk, default_workers
+from .pipeline import ItemDigests, decode_chunk
 from .data_files import DataFiles
 from .read_job import ReadJob
 from .reader import FileSystemReader
@@ -65,7 +65,7 @@ def verify_checkpoint(
     files = DataFiles(path)
     results: list[ItemCheck] = []
     try:
-        with ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="dcpx-verify") as pool:
+        with ThreadPoolExecutor(reader.workers, thread_name_prefix="dcpx-verify") as pool:
             for check in pool.map(lambda pair: _check(reader, files, *pair, full), _requests(metadata)):
                 results.append(check)
                 if on_item is not None:
@@ -138,7 +138,7 @@ def _check_job(job: ReadJob, base: dict[str, Any], full: bool) -> ItemCheck:
 def _check_frames(job: ReadJob, full: bool) -> tuple[str, str, bool]:
     """A framed item, chunk by chunk down to its outermost integrity layer (``full``: every
     layer): its status, what checked it, and whether it could be decoded at all (keys)."""
-    index_, chain = job.frame(job.item_info().nbytes if job.is_tensor else None)
+    index_, chain, item = job.frame(job.item_info().nbytes if job.is_tensor else None)
     checks = [i for i, t in enumerate(chain.transforms) if t.verifies_integrity]
     if not checks and not full:
         return "missing", "no integrity transform", False
@@ -146,7 +146,6 @@ def _check_frames(job: ReadJob, full: bool) -> tuple[str, str, bool]:
     keyless = [i for i in range(depth, len(chain.transforms)) if holds_keys(chain.transforms[i]) is False]
     if keyless:
         return "missing", f"{chain.descriptors[keyless[-1]]}: no key to {'decode' if full else 'check'} it with", False
-    item = job.item_info()
     digests = ItemDigests(chain, item, index_.count, job.records, stop=depth)
     for k, stored_at in enumerate(index_.stored_offsets()):
         start, end = index_.raw_span(k)

@@ -26,7 +26,7 @@ from .gc_pause import gc_paused
 from .checkpoint_files import directory, metadata_files
 from .item_writer import ItemState, ItemStorageInfo, WholeItem, item_result, item_tensor, torch_save_bytes
 from .plan_data import PlanData, SavePlanning
-from .pipeline import DEFAULT_CHUNK_SIZE, BoundChain, OrderedWindow, codec_pool, default_workers, encode_chunk, iter_chunks
+from .pipeline import DEFAULT_CHUNK_SIZE, BoundChain, OrderedWindow, checked_workers, codec_pool, encode_chunk, iter_chunks
 from .rules import TransformSpec, resolve_transforms
 from .safetensors_io import write_safetensors_file
 from .save_scope import SaveScope
@@ -86,7 +86,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         self.compat = compat or serialization_format == SerializationFormat.TORCH_SAVE
         self.safetensors = self.serialization_format == SerializationFormat.SAFETENSORS
         self.chunk_size = chunk_size
-        self.workers = workers or default_workers()
+        self.workers = checked_workers(workers)
         self.rules = resolve_transforms(transforms if transforms is not None else _extensions)
         if self.safetensors and compat:
             raise ConfigError(

@@ -1,0 +1,129 @@
+"""What a read may cost is set by the item and the reader's limits, not by sizes the files
+claim; and once a load has failed it no longer touches the caller's tensors."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter as StockWriter
+
+import dcpx
+from checkpoint_helpers import rewrite_metadata, storage_items
+from dcpx.checkpoint_files import load_metadata
+from dcpx.verify import verify_checkpoint
+
+
+def _claim(path: Path, fqn: str, size: int) -> None:
+    """Make the stream header of ``fqn``'s item (written by stock torch through a dcpx
+    transform: an 8-byte raw length, then the encoded bytes) claim ``size`` bytes."""
+    info = storage_items(load_metadata(str(path))[0])[fqn]
+    with open(path / info.relative_path, "r+b") as f:
+        f.seek(info.offset)
+        f.write(struct.pack("<Q", size))
+
+
+@pytest.mark.parametrize("fqn", ["blob", "t"])
+def test_a_stream_header_cannot_claim_more_than_the_item_holds(toys: Any, tmp_path: Path, fqn: str) -> None:
+    dcp.save({"blob": io.BytesIO(b"abc" * 100), "t": torch.ones(2)},
+             storage_writer=StockWriter(tmp_path, _extensions=[toys.XorTransform()]))
+    _claim(tmp_path, fqn, 1 << 33)
+    toys.RECORD.clear()
+    out = {"blob": io.BytesIO(), "t": torch.zeros(2)}
+    with pytest.raises(dcpx.CheckpointFormatError) as info:
+        dcpx.load(out, tmp_path, max_item_bytes=1 << 20)
+    assert "stream claims 8589934592 bytes" in str(info.value) and fqn in str(info.value)
+    # refused from the header: the transform was never asked to produce the claimed bytes
+    assert not [c for c in toys.RECORD.of(op="decode") if c.nbytes == 1 << 33]
+
+
+def test_the_same_items_load_when_their_headers_are_honest(toys: Any, tmp_path: Path) -> None:
+    state = {"blob": io.BytesIO(b"abc" * 100), "t": torch.arange(2.0)}
+    dcp.save(state, storage_writer=StockWriter(tmp_path, _extensions=[toys.XorTransform()]))
+    out = {"blob": io.BytesIO(), "t": torch.zeros(2)}
+    dcpx.load(out, tmp_path, max_item_bytes=1 << 20)
+    assert out["blob"].getvalue() == b"abc" * 100 and torch.equal(out["t"], state["t"])
+
+
+@pytest.mark.parametrize("compat", [False, True])
+def test_an_entry_over_max_item_bytes_is_refused_before_it_is_read(tmp_path: Path, compat: bool,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    dcpx.save({"blob": io.BytesIO(os.urandom(3 << 20)), "t": torch.ones(2)}, tmp_path, compat=compat)
+    sizes: list[int] = []
+    real_pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, off: sizes.append(n) or real_pread(fd, n, off))
+    with pytest.raises(dcpx.CheckpointFormatError) as info:
+        dcpx.load({"blob": io.BytesIO(), "t": torch.zeros(2)}, tmp_path, max_item_bytes=1 << 20)
+    assert "blob" in str(info.value) and "max_item_bytes=1048576" in str(info.value)
+    assert max(sizes, default=0) < 1 << 20
+
+
+def test_a_failed_load_no_longer_writes_into_the_destination(toys: Any, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    chunk = 64 << 10
+    dcpx.save({"w": torch.ones(8 * chunk // 4)}, tmp_path, transforms=["xor"], chunk_size=chunk)
+    decode_into = toys.XorTransform.decode_into
+
+    def slow_or_failing(self: Any, data: memoryview, info: Any, out: memoryview) -> None:
+        if info.index == 0:
+            raise dcpx.IntegrityError("chunk 0 is damaged")
+        time.sleep(0.3)  # still decoding when chunk 0 has failed
+        decode_into(self, data, info, out)
+
+    monkeypatch.setattr(toys.XorTransform, "decode_into", slow_or_failing)
+    dest = torch.zeros(8 * chunk // 4)
+    with pytest.raises(dcpx.IntegrityError, match="chunk 0 is damaged"):
+        dcpx.load({"w": dest}, tmp_path, workers=2)
+    dest.fill_(7.0)  # the caller falls back, e.g. to another checkpoint, in the same tensor
+    time.sleep(0.6)
+    assert bool((dest == 7.0).all())
+
+
+def test_verify_binds_chunks_to_the_item_as_load_does(toys: Any, tmp_path: Path) -> None:
+    dcpx.save({"blob": io.BytesIO(b"x" * 100), "t": torch.ones(4)}, tmp_path, transforms=["probe"])
+    saved = {c.fqn: c.nbytes for c in toys.RECORD.of(op="encode")}
+    toys.RECORD.clear()
+    assert all(c.status == "missing" for c in verify_checkpoint(str(tmp_path), full=True))
+    verified = [(c.fqn, c.nbytes) for c in toys.RECORD.of(op="decode")]
+    assert {fqn for fqn, _ in verified} == {"blob", "t"} and saved["blob"] > 0
+    assert all(nbytes == saved[fqn] for fqn, nbytes in verified), verified
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, True])
+def test_workers_must_be_a_positive_count(tmp_path: Path, workers: Any) -> None:
+    with pytest.raises(dcpx.ConfigError, match="workers"):
+        dcpx.FileSystemWriter(tmp_path, workers=workers)
+    with pytest.raises(dcpx.ConfigError, match="workers"):
+        dcpx.FileSystemReader(tmp_path, workers=workers)
+
+
+def test_require_takes_names_not_versions(tmp_path: Path) -> None:
+    with pytest.raises(dcpx.ConfigError, match="'stream.zstd'"):
+        dcpx.FileSystemReader(tmp_path, require=["stream.zstd/1"])
+
+
+def test_a_lazy_outer_layer_cannot_feed_an_inner_one_more_than_the_item_holds(toys: Any, tmp_path: Path) -> None:
+    """torch's zstd outside a dcpx transform: what the inner layer reads is bounded too."""
+    from torch.distributed.checkpoint._extension import ZStandard
+    zstandard = pytest.importorskip("zstandard")
+    dcp.save({"blob": io.BytesIO(b"abc"), "t": torch.ones(2)}, storage_writer=StockWriter(tmp_path))
+    bomb = zstandard.ZstdCompressor().compress(struct.pack("<Q", 3) + bytes(16 << 20))
+    with open(tmp_path / "bomb.distcp", "wb") as f:
+        f.write(bomb)
+
+    def edit(metadata: Any) -> None:
+        stored = storage_items(metadata)["blob"]
+        stored.relative_path, stored.offset, stored.length = "bomb.distcp", 0, len(bomb)
+        stored.transform_descriptors = [toys.XorTransform().get_descriptor(), ZStandard().get_descriptor()]
+
+    rewrite_metadata(tmp_path, edit)
+    with pytest.raises(dcpx.CheckpointFormatError, match="stream holds more than the 2097152 bytes") as caught:
+        dcpx.load({"blob": io.BytesIO(), "t": torch.zeros(2)}, tmp_path, max_item_bytes=1 << 20)
+    assert str(caught.value).startswith("blob ")
