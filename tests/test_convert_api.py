@@ -380,3 +380,42 @@ def test_quantized_tensors_are_refused_by_name(tmp_path: Path, source: str) -> N
     with pytest.raises(dcpx.ConfigError, match="'q' is a quantized tensor.*dequantize"):
         convert(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+_SIZE_LIMITED_CONVERT = r"""
+import json, os, resource, signal, sys
+import torch, dcpx
+from dcpx.convert import convert
+src, dst = sys.argv[1], sys.argv[2]
+dcpx.save({"w": torch.randn(1 << 19)}, src)  # 2 MiB, written before the limit
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+try:
+    convert(src, dst)
+except OSError as exc:
+    print(json.dumps({"type": type(exc).__name__, "errno": exc.errno, "message": str(exc),
+                      "left": sorted(os.listdir(os.path.dirname(dst)))}))
+"""
+
+
+@pytest.mark.parametrize("out", ["out.pt", "out.safetensors"])
+def test_a_single_file_the_system_refuses_to_write(tmp_path: Path, out: str) -> None:
+    """torch.save and safetensors report a full disk (here a file-size limit) in errors of
+    their own; the conversion says what the system refused, as a ``WriteError``."""
+    import errno
+    import json
+    import subprocess
+    import sys
+
+    if out.endswith(".safetensors"):
+        pytest.importorskip("safetensors")
+    src, dst = tmp_path / "src", tmp_path / "dst" / out
+    dst.parent.mkdir()
+    env = os.environ | {"DCPX_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    done = subprocess.run([sys.executable, "-c", _SIZE_LIMITED_CONVERT, str(src), str(dst)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.stdout, done.stderr
+    failure = json.loads(done.stdout)
+    assert failure["type"] == "WriteError" and failure["errno"] == errno.EFBIG, failure
+    assert "file failed: File too large" in failure["message"], failure
+    assert failure["left"] == [], failure  # no destination, no staging

@@ -257,14 +257,38 @@ def _write_single_file(source: _Source, dst: str, fmt: str, group_bytes: int, pr
             raise CheckpointFormatError(f"{source.path}: item {fqn!r}: stored shards cover {n} of {flat[fqn].numel()} elements")
     order = {fqn: n for n, fqn in enumerate(source.metadata.state_dict_metadata)}
     flat = dict(sorted(flat.items(), key=lambda kv: order.get(kv[0], len(order))))
-    if fmt == "pt":
-        torch.save(_nest(flat, source.metadata.planner_data), dst)
-        return
-    for fqn, tensor in flat.items():
-        if tensor.dtype not in SAFETENSORS_DTYPES:
-            raise ConfigError(f"{dst}: item {fqn!r} is {tensor.dtype}, which safetensors has no code for; "
-                              "convert to a DCP directory or a .pt file instead")
-    _safetensors().torch.save_file(_unshared(flat), dst, metadata={"format": "pt"})
+    if fmt == "safetensors":
+        for fqn, tensor in flat.items():
+            if tensor.dtype not in SAFETENSORS_DTYPES:
+                raise ConfigError(f"{dst}: item {fqn!r} is {tensor.dtype}, which safetensors has no code for; "
+                                  "convert to a DCP directory or a .pt file instead")
+    try:
+        if fmt == "pt":
+            with open(dst, "wb") as f:  # a file object: torch keeps the system's error as the context of its own
+                torch.save(_nest(flat, source.metadata.planner_data), f)
+        else:
+            _safetensors().torch.save_file(_unshared(flat), dst, metadata={"format": "pt"})
+    except Exception as exc:
+        refused = _system_error(exc)
+        if refused is None:
+            raise
+        raise commit.write_failure(refused, dst, f"{fmt} file") from exc
+
+
+def _system_error(exc: BaseException) -> OSError | None:
+    """The system's refusal behind a library's failed write, where it can be recovered:
+    torch's ``RuntimeError`` carries the ``OSError`` as its context, safetensors names the
+    errno only in its message ("... (os error 28)")."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code))
 
 
 def _whole_tensor(path: str, fqn: str, size: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
