@@ -59,7 +59,7 @@ def write_failure(exc: BaseException, path: str, what: str) -> BaseException:
     full = " (the file system is full: free space or save elsewhere)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
     error = WriteError(
         exc.errno, f"{path}: writing the {what} failed: {exc.strerror or exc}{full}. This save was not "
-        "committed; a checkpoint committed at this path before it is intact"
+        "committed; any checkpoint committed at this path before it is intact"
     )
     error.__cause__ = exc
     return error
