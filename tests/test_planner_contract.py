@@ -177,3 +177,17 @@ def test_planner_sees_the_id_the_save_commits(tmp_path: Path) -> None:
         assert planner.seen_path == tmp_path  # a Path, as stock's writer gives
         ids.append(committed)
     assert ids[0] != ids[1]
+
+
+@pytest.mark.parametrize("given", [str, Path])
+def test_path_and_checkpoint_id_are_paths_as_in_stock(tmp_path: Path, given: Any) -> None:
+    """Stock's writer and reader keep ``path`` (and ``checkpoint_id``) as a ``Path``; code
+    written against them (``writer.path / "extra"``) runs unchanged, and ``reset`` moves both."""
+    from torch.distributed.checkpoint import FileSystemReader as StockReader, FileSystemWriter as StockWriter
+
+    for ours, stock in ((dcpx.FileSystemWriter(given(tmp_path)), StockWriter(given(tmp_path))),
+                        (dcpx.FileSystemReader(given(tmp_path)), StockReader(given(tmp_path)))):
+        assert ours.path == stock.path == tmp_path and type(ours.path) is type(stock.path)
+        assert ours.checkpoint_id == stock.checkpoint_id
+        ours.reset(given(tmp_path / "other"))
+        assert ours.path == ours.checkpoint_id == tmp_path / "other"

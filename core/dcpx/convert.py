@@ -204,10 +204,11 @@ def _write_dcp(source: _Source, writer: FileSystemWriter, group_bytes: int, prog
         writer.finish(metadata, [results])
     except BaseException:
         writer.reset()
-        if not _committed(writer.path, results):
-            commit.remove_files(writer.path, {r.storage_data.relative_path for r in results})
+        written = os.fspath(writer.path)
+        if not _committed(written, results):
+            commit.remove_files(written, {r.storage_data.relative_path for r in results})
             if created:
-                shutil.rmtree(writer.path, ignore_errors=True)
+                shutil.rmtree(written, ignore_errors=True)
         raise
 
 

@@ -13,6 +13,7 @@ import os
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -72,7 +73,7 @@ class FileSystemReader(StorageReader):
     ) -> None:
         super().__init__()
         self.fs = FileSystem()
-        self.path = directory(path)
+        self._dir = directory(path)
         self.workers = checked_workers(workers)
         self.max_item_bytes = max_item_bytes
         self.weights_only = weights_only
@@ -104,7 +105,16 @@ class FileSystemReader(StorageReader):
         self.metadata_error = None
         self.load_id = str(uuid.uuid4())
         if checkpoint_id:
-            self.path = directory(checkpoint_id)
+            self._dir = directory(checkpoint_id)
+
+    @property
+    def path(self) -> Path:
+        """The checkpoint directory, a ``Path`` as in stock torch's reader and writer."""
+        return Path(self._dir)
+
+    @path.setter
+    def path(self, value: str | os.PathLike) -> None:
+        self._dir = directory(value)
 
     @property
     def checkpoint_id(self) -> str | os.PathLike:
@@ -116,26 +126,26 @@ class FileSystemReader(StorageReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         rank = kwargs.get("rank")
-        if rank is not None and self.metadata_error is not None and os.path.lexists(os.path.join(self.path, commit.METADATA)):
+        if rank is not None and self.metadata_error is not None and os.path.lexists(os.path.join(self._dir, commit.METADATA)):
             # the global metadata exists but was refused: never fall back to a stale rank-local one
             raise self.metadata_error
         name = commit.metadata_name(rank)
         try:
-            metadata, data = load_metadata(self.path, name)
-            self.manifest = load_manifest(self.path, metadata, data)
+            metadata, data = load_metadata(self._dir, name)
+            self.manifest = load_manifest(self._dir, metadata, data)
             self._authenticate_manifest(metadata, data)
             if self.expected_checkpoint_id is not None:
                 found = metadata.storage_meta.save_id if metadata.storage_meta else None
                 if found != self.expected_checkpoint_id:
                     raise PolicyError(
-                        f"{self.path}: checkpoint id is {found!r}, the caller expected {self.expected_checkpoint_id!r}"
+                        f"{self._dir}: checkpoint id is {found!r}, the caller expected {self.expected_checkpoint_id!r}"
                     )
         except Exception as exc:
             # torch retries with rank-local metadata and then raises a bare AssertionError;
             # keep the first, informative error for dcpx.load to re-raise.  Anything but a
             # dcpx error here is a checkpoint no check foresaw: still say which file it was
             error = exc if isinstance(exc, DcpxError) else CheckpointFormatError(
-                f"{self.path}/{name}: cannot be read ({type(exc).__name__}: {exc})")
+                f"{self._dir}/{name}: cannot be read ({type(exc).__name__}: {exc})")
             if self.metadata_error is None:
                 self.metadata_error = error
             if error is exc:
@@ -158,7 +168,7 @@ class FileSystemReader(StorageReader):
         if not isinstance(claim, dict):
             self._refuse_unkeyed(metadata, keyed)
             return
-        where = f"{self.path}/{manifest.manifest_name(str(metadata.storage_meta.save_id))}"
+        where = f"{self._dir}/{manifest.manifest_name(str(metadata.storage_meta.save_id))}"
         key = self._claimed_key(where, str(claim.get("transform")), str(claim.get("key_id")), keyed)
         if key is not None:
             manifest.verify(self.manifest, data, where, key)
@@ -172,7 +182,7 @@ class FileSystemReader(StorageReader):
         held = sorted(used & set(self._key_holders(keyed, used))) if used else []
         if held:
             raise IntegrityError(
-                f"{self.path}: items use {held} but the checkpoint has no keyed manifest; "
+                f"{self._dir}: items use {held} but the checkpoint has no keyed manifest; "
                 "its manifest was removed or replaced"
             )
 
@@ -223,7 +233,7 @@ class FileSystemReader(StorageReader):
         self.rank = kwargs.get("rank")
         self.use_collectives = kwargs.get("use_collectives", True)
         if not isinstance(self.storage_data, dict):
-            raise CheckpointFormatError(f"{self.path}: metadata has no storage table")
+            raise CheckpointFormatError(f"{self._dir}: metadata has no storage table")
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
@@ -232,7 +242,7 @@ class FileSystemReader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        files = DataFiles(self.path)
+        files = DataFiles(self._dir)
         try:
             jobs = [self.prepare(req, files) for req in plan.items]
             # Raw items go from the file straight into their tensors, and a cold one waits on
@@ -263,10 +273,10 @@ class FileSystemReader(StorageReader):
         info = self.storage_data.get(req.storage_index)
         fqn = req.storage_index.fqn
         if not isinstance(info, _StorageInfo):
-            raise CheckpointFormatError(f"{fqn}: no storage entry for this item in {self.path}/.metadata")
+            raise CheckpointFormatError(f"{fqn}: no storage entry for this item in {self._dir}/.metadata")
         # read_metadata checked every entry; metadata handed to set_up_storage_reader from
         # elsewhere gets the same check here
-        check_storage_entry(req.storage_index, info, f"{self.path}/{commit.METADATA}")
+        check_storage_entry(req.storage_index, info, f"{self._dir}/{commit.METADATA}")
         rel, offset, length = info.relative_path, info.offset, info.length
         where = f"{fqn} (file {rel!r}, offset {offset}, length {length})"
         descriptors = list(info.transform_descriptors or [])

@@ -76,7 +76,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         if thread_count < 1 or chunk_size < 1:
             raise ConfigError("thread_count and chunk_size must be positive")
         self.fs = FileSystem()
-        self.path = directory(path)
+        self._dir = directory(path)
         self.single_file_per_rank = single_file_per_rank
         self.sync_files = sync_files
         self.thread_count = thread_count
@@ -116,7 +116,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         self._release()
         if checkpoint_id:
-            self.path = directory(checkpoint_id)
+            self._dir = directory(checkpoint_id)
         self._plan = None
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
@@ -128,7 +128,16 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
     def storage_meta(self) -> StorageMeta | None:
         # what the next save will commit as its id: DCP hands this to the planner before planning.
         # A Path, as stock gives planners; the committed metadata records the plain string.
-        return StorageMeta(checkpoint_id=Path(self.path), save_id=self._planning.next_id)
+        return StorageMeta(checkpoint_id=self.path, save_id=self._planning.next_id)
+
+    @property
+    def path(self) -> Path:
+        """The checkpoint directory, a ``Path`` as in stock torch's reader and writer."""
+        return Path(self._dir)
+
+    @path.setter
+    def path(self, value: str | os.PathLike) -> None:
+        self._dir = directory(value)
 
     @property
     def checkpoint_id(self) -> str | os.PathLike:
@@ -139,16 +148,16 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         return FileSystem.validate_checkpoint_id(checkpoint_id)
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        os.makedirs(self.path, exist_ok=True)
-        if os.path.exists(os.path.join(self.path, commit.metadata_name(self._own_rank()))):
+        os.makedirs(self._dir, exist_ok=True)
+        if os.path.exists(os.path.join(self._dir, commit.metadata_name(self._own_rank()))):
             if not self.overwrite:
-                raise CommitError(f"{self.path}: Checkpoint already exists and overwrite=False; pass overwrite=True or save elsewhere")
+                raise CommitError(f"{self._dir}: Checkpoint already exists and overwrite=False; pass overwrite=True or save elsewhere")
         if not self.use_collectives:
             plan = dataclasses.replace(plan, storage_data=self._new_plan_data(f"__{self._own_rank()}_"))
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        self._scope = SaveScope(self.path, self._own_rank())
+        self._scope = SaveScope(self._dir, self._own_rank())
         self._scope.lock_and_clean()
         if not self.use_collectives:  # the rank's own checkpoint: planned by prepare_local_plan
             return plans
@@ -158,7 +167,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         try:
             self._claim_lock()
-            data = self._planning.resolve(plan.storage_data, f"{self.path}: rank {self.rank}")
+            data = self._planning.resolve(plan.storage_data, f"{self._dir}: rank {self.rank}")
         except BaseException:
             self._release()
             raise
@@ -177,7 +186,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
                 try:
                     out = self._write_file(name, items, planner, data.checkpoint_id)
                 except BaseException as exc:  # reported to DCP through the future below
-                    errors.append(commit.write_failure(exc, os.path.join(self.path, name), "data file"))
+                    errors.append(commit.write_failure(exc, os.path.join(self._dir, name), "data file"))
                     return
                 with lock:
                     results.extend(out)
@@ -192,7 +201,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         fut: Future[list[WriteResult]] = Future()
         if errors:
             # nothing will be committed: remove this rank's partial files, free the path
-            commit.remove_files(self.path, [name for name, _ in files])
+            commit.remove_files(self._dir, [name for name, _ in files])
             self._release()
             fut.set_exception(errors[0])
         else:
@@ -215,7 +224,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         """Mark the lock busy for writing or committing, unless a newer save took it over
         while this one was planning or waiting for its other ranks (see SaveLock)."""
         if self._scope is not None:
-            self._scope.lock.claim(self.path)
+            self._scope.lock.claim(self._dir)
 
     # -- files -------------------------------------------------------------------------
     def _assign_files(self, items: list[WriteItem], data: PlanData) -> list[tuple[str, list[WriteItem]]]:
@@ -233,7 +242,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         return [(next(names), g) for g in groups if g]
 
     def _write_file(self, name: str, items: list[WriteItem], planner: SavePlanner, checkpoint_id: str) -> list[WriteResult]:
-        path = os.path.join(self.path, name)
+        path = os.path.join(self._dir, name)
         if self.safetensors and items[0].type != WriteItemType.BYTE_IO:
             tensors = [(item, item_tensor(item, planner.resolve_data(item))) for item in items]
             placed = write_safetensors_file(path, tensors, self.sync_files)
@@ -296,7 +305,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
     # -- commit ------------------------------------------------------------------------
     def _commit(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         if self._plan is None:
-            raise CommitError(f"{self.path}: finish() called before write_data()")
+            raise CommitError(f"{self._dir}: finish() called before write_data()")
         checkpoint_id = self._plan.checkpoint_id
         storage: dict[MetadataIndex, _StorageInfo] = {}
         records: list[manifest.ItemRecord] = []
@@ -313,10 +322,10 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
             ))
         metadata.storage_data = storage
         metadata.version = DCP_VERSION
-        metadata.storage_meta = StorageMeta(checkpoint_id=self.recorded_path or self.path, save_id=checkpoint_id)
+        metadata.storage_meta = StorageMeta(checkpoint_id=self.recorded_path or self._dir, save_id=checkpoint_id)
         with gc_paused():  # pickling creates a dict per entry; collections only rescan torch's heap
             md_bytes = pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL)
-        extra: dict[str, Any] = {"files": _file_sizes(self.path, records)}
+        extra: dict[str, Any] = {"files": _file_sizes(self._dir, records)}
         keyed = self.rules.manifest_key()
         if keyed is not None:
             extra["hmac_key"] = {"transform": keyed[0], "key_id": keyed[1]}
@@ -327,11 +336,11 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
             self._scope.begin_commit(checkpoint_id, self.sync_files)
         md_name = commit.metadata_name(self._own_rank())
         try:
-            commit.write_atomic(self.path, man_name, data, man_name + ".tmp", self.sync_files, "manifest")
-            commit.write_atomic(self.path, md_name, md_bytes, commit.metadata_tmp_name(checkpoint_id), self.sync_files,
+            commit.write_atomic(self._dir, man_name, data, man_name + ".tmp", self.sync_files, "manifest")
+            commit.write_atomic(self._dir, md_name, md_bytes, commit.metadata_tmp_name(checkpoint_id), self.sync_files,
                                 "checkpoint metadata")
         except WriteError:  # .metadata was not replaced: this save's files go now, not at the next save
-            commit.remove_files(self.path, sorted({r.file for r in records} | {man_name}))
+            commit.remove_files(self._dir, sorted({r.file for r in records} | {man_name}))
             raise
         if self._scope is not None:
             self._scope.clean_after_commit({r.file for r in records} | {man_name})
@@ -342,7 +351,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
 
     def _new_plan_data(self, prefix: str) -> PlanData:
         """This save's plan data (a writer may save many times; see plan_data.py)."""
-        data = self._planning.draw(prefix, committed=bool(metadata_files(self.path)))
+        data = self._planning.draw(prefix, committed=bool(metadata_files(self._dir)))
         self.save_id = data.checkpoint_id
         return data
 
