@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import stat
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.filesystem import FileSystem, _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata
 
 from . import commit, manifest
@@ -28,6 +29,29 @@ def directory(path: str | os.PathLike) -> str:
     """A checkpoint path as the string dcpx keeps; an empty one is the current directory,
     as stock torch's ``Path(path)`` makes it."""
     return os.fspath(path) or "."
+
+
+class CheckpointDirectory:
+    """The ``path`` of a writer or reader: a ``Path`` to callers, as stock torch's classes give
+    it (also as ``checkpoint_id``), and inside dcpx the string ``directory()`` makes of it."""
+
+    _dir: str
+
+    @property
+    def path(self) -> Path:
+        return Path(self._dir)
+
+    @path.setter
+    def path(self, value: str | os.PathLike) -> None:
+        self._dir = directory(value)
+
+    @property
+    def checkpoint_id(self) -> str | os.PathLike:
+        return self.path
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return FileSystem.validate_checkpoint_id(checkpoint_id)
 
 
 def _encodable(name: str) -> bool:

@@ -13,7 +13,6 @@ import os
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -24,7 +23,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from . import commit, digest, manifest
-from .checkpoint_files import directory, load_manifest, load_metadata
+from .checkpoint_files import CheckpointDirectory, load_manifest, load_metadata
 from .data_files import DataFiles
 from .descriptor import parse
 from .errors import CheckpointFormatError, ConfigError, DcpxError, IntegrityError, PolicyError
@@ -43,7 +42,7 @@ READS_PER_CORE = 2
 IN_FLIGHT_BYTES = 1 << 30
 
 
-class FileSystemReader(StorageReader):
+class FileSystemReader(CheckpointDirectory, StorageReader):
     """Drop-in replacement for ``torch.distributed.checkpoint.FileSystemReader``.
 
     * ``transforms``: configured transforms for reading (e.g. an ``encrypt`` transform
@@ -73,7 +72,7 @@ class FileSystemReader(StorageReader):
     ) -> None:
         super().__init__()
         self.fs = FileSystem()
-        self._dir = directory(path)
+        self.path = path
         self.workers = checked_workers(workers)
         self.max_item_bytes = max_item_bytes
         self.weights_only = weights_only
@@ -105,24 +104,7 @@ class FileSystemReader(StorageReader):
         self.metadata_error = None
         self.load_id = str(uuid.uuid4())
         if checkpoint_id:
-            self._dir = directory(checkpoint_id)
-
-    @property
-    def path(self) -> Path:
-        """The checkpoint directory, a ``Path`` as in stock torch's reader and writer."""
-        return Path(self._dir)
-
-    @path.setter
-    def path(self, value: str | os.PathLike) -> None:
-        self._dir = directory(value)
-
-    @property
-    def checkpoint_id(self) -> str | os.PathLike:
-        return self.path
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
-        return FileSystem.validate_checkpoint_id(checkpoint_id)
+            self.path = checkpoint_id
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         rank = kwargs.get("rank")

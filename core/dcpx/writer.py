@@ -8,7 +8,6 @@ import os
 import pickle
 import threading
 import uuid
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -23,7 +22,7 @@ from . import commit, digest, manifest
 from .errors import CommitError, ConfigError, WriteError
 from .framing import RAW_DESCRIPTOR
 from .gc_pause import gc_paused
-from .checkpoint_files import directory, metadata_files
+from .checkpoint_files import CheckpointDirectory, metadata_files
 from .item_writer import ItemState, ItemStorageInfo, WholeItem, item_result, item_tensor, torch_save_bytes
 from .plan_data import PlanData, SavePlanning
 from .pipeline import DEFAULT_CHUNK_SIZE, BoundChain, OrderedWindow, checked_workers, codec_pool, encode_chunk, iter_chunks
@@ -37,7 +36,7 @@ DCP_VERSION = "1.0.0"
 SUFFIX = ".distcp"
 
 
-class FileSystemWriter(StorageWriter, BlockingAsyncStager):
+class FileSystemWriter(CheckpointDirectory, StorageWriter, BlockingAsyncStager):
     """Drop-in replacement for ``torch.distributed.checkpoint.FileSystemWriter``.
 
     Accepts every argument of torch's writer with the same meaning, plus:
@@ -76,7 +75,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         if thread_count < 1 or chunk_size < 1:
             raise ConfigError("thread_count and chunk_size must be positive")
         self.fs = FileSystem()
-        self._dir = directory(path)
+        self.path = path
         self.single_file_per_rank = single_file_per_rank
         self.sync_files = sync_files
         self.thread_count = thread_count
@@ -116,7 +115,7 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         self._release()
         if checkpoint_id:
-            self._dir = directory(checkpoint_id)
+            self.path = checkpoint_id
         self._plan = None
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
@@ -129,23 +128,6 @@ class FileSystemWriter(StorageWriter, BlockingAsyncStager):
         # what the next save will commit as its id: DCP hands this to the planner before planning.
         # A Path, as stock gives planners; the committed metadata records the plain string.
         return StorageMeta(checkpoint_id=self.path, save_id=self._planning.next_id)
-
-    @property
-    def path(self) -> Path:
-        """The checkpoint directory, a ``Path`` as in stock torch's reader and writer."""
-        return Path(self._dir)
-
-    @path.setter
-    def path(self, value: str | os.PathLike) -> None:
-        self._dir = directory(value)
-
-    @property
-    def checkpoint_id(self) -> str | os.PathLike:
-        return self.path
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
-        return FileSystem.validate_checkpoint_id(checkpoint_id)
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         os.makedirs(self._dir, exist_ok=True)
