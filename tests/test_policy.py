@@ -147,8 +147,10 @@ def _env_key(monkeypatch) -> None:
     monkeypatch.setenv("DCPX_ENCRYPT_KEY", base64.b64encode(KEY).decode())
 
 
-@pytest.mark.parametrize("claimed", ["bogus", "stream.zstd"])
+@pytest.mark.parametrize("claimed", ["bogus", "stream.zstd", "encrypt", "dcpx-encrypt"])
 def test_key_claim_naming_another_transform_is_refused_by_a_key_holder(tmp_path, encrypt, claimed):
+    """Also the shorthand of the very transform that keyed it: the writer records full names,
+    and a shorthand once made the reader look for a default-configured (keyless) transform."""
     dcpx.save(_state(), tmp_path, transforms=[_keyed()])
     _forge(tmp_path, {"transform": claimed, "key_id": "k1"})
     with pytest.raises(dcpx.IntegrityError, match=rf"dcpx-manifest-.*{claimed}.*holds keys"):

@@ -322,8 +322,11 @@ def _required_name(name: str) -> str:
 
 def _keyed_default(name: str) -> Transform | None:
     """The transform ``name`` in its default configuration (keys from the environment, a key
-    file), if it is installed and keyed (offers ``manifest_key_for``), else None."""
+    file), if it is installed and keyed (offers ``manifest_key_for``), else None.  Only a
+    full name counts: writers record nothing else, so a shorthand in a manifest was forged."""
     try:
+        if host().resolve_name(name) != name:
+            return None
         transform = host().create(name)
     except DcpxError:
         return None
