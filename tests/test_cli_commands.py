@@ -175,6 +175,33 @@ def test_names_no_encoding_can_print_are_escaped(tmp_path: Path) -> None:
     assert "NO DIGEST  w\\ud800" in run.stdout and "0 verified, 0 failed, 1 without a digest" in run.stdout
 
 
+def test_control_characters_from_the_checkpoint_are_escaped(tmp_path: Path) -> None:
+    """Names and descriptors come from the checkpoint: a forged one may not clear the screen
+    or print a line of its own."""
+    import subprocess
+    import sys
+
+    import torch
+
+    dcp.save({"w": torch.ones(2)}, storage_writer=dcp.FileSystemWriter(tmp_path))
+    name = "w\x1b[2J\nFAKE LINE"
+
+    def rename(metadata: Any) -> None:
+        metadata.state_dict_metadata[name] = metadata.state_dict_metadata.pop("w")
+        for index, info in metadata.storage_data.items():
+            object.__setattr__(index, "fqn", name)
+            info.transform_descriptors = ["stream.x\x1b[31m/1"]
+
+    rewrite_metadata(tmp_path, rename)
+    for command in (["inspect"], ["verify", "--full", "--quiet"]):
+        run = subprocess.run([sys.executable, "-m", "dcpx", *command, str(tmp_path)],
+                             capture_output=True, text=True, timeout=120)
+        shown = run.stdout + run.stderr
+        assert "\x1b" not in shown and "FAKE LINE" in shown, shown
+        assert not any(line.startswith("FAKE LINE") for line in shown.splitlines()), shown
+        assert "w\\x1b[2J\\nFAKE LINE" in shown, shown
+
+
 def test_verify_bad_path_is_a_usage_error(results: dict[str, Any]) -> None:
     r = results["verify_missing_path"]
     assert r.returncode == 2

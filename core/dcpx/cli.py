@@ -52,18 +52,27 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=1, default=str))
         return EXIT_OK
-    print(f"checkpoint   {args.path}")
-    print(f"id           {info['checkpoint_id'] or '-'}   (manifest: {'yes' if info['manifest'] else 'no, stock DCP'})")
-    print(f"written by   dcpx {info['dcpx_version'] or '-'}, torch {info['torch_version'] or '-'}")
-    print(f"transforms   {', '.join(info['transforms']) or '(none)'}")
+    print(_line(f"checkpoint   {args.path}"))
+    print(_line(f"id           {info['checkpoint_id'] or '-'}   (manifest: {'yes' if info['manifest'] else 'no, stock DCP'})"))
+    print(_line(f"written by   dcpx {info['dcpx_version'] or '-'}, torch {info['torch_version'] or '-'}"))
+    print(_line(f"transforms   {', '.join(info['transforms']) or '(none)'}"))
     print(f"{'item':<48} {'dtype':<16} {'shape':<20} {'raw':>12} {'stored':>12} {'ratio':>6}")
     for it in info["items"]:
         raw = f"{it['raw_bytes']:,}" if it["raw_bytes"] is not None else "?"
-        print(f"{it['fqn'][:48]:<48} {str(it['dtype'] or 'bytes'):<16} {str(it['shape'] or ''):<20} {raw:>12} "
-              f"{it['stored_bytes']:>12,} {_ratio(ratio(it['stored_bytes'], it['raw_bytes'])):>6}")
+        print(_line(f"{_line(it['fqn'])[:48]:<48} {str(it['dtype'] or 'bytes'):<16} {str(it['shape'] or ''):<20} "
+                    f"{raw:>12} {it['stored_bytes']:>12,} {_ratio(ratio(it['stored_bytes'], it['raw_bytes'])):>6}"))
     t = info["totals"]
     print(f"total: {t['items']} items, {t['raw_bytes']:,} raw bytes, {t['stored_bytes']:,} stored ({_ratio(t['ratio'])})")
     return EXIT_OK
+
+
+def _line(text: str) -> str:
+    """One line of text output, its control characters escaped: names, descriptors and
+    messages come from the checkpoint, and a forged one must not move the cursor, clear
+    the screen or print a line of its own."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _ratio(value: float | None) -> str:
@@ -87,9 +96,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(json.dumps({"ok": len(ok), "failed": [vars(r) for r in failed], "missing": [vars(r) for r in missing]}, indent=1))
     else:
         for r in failed:
-            print(f"FAILED  {r.fqn} {r.shard_offsets or ''} in {r.file}: {r.detail}")
+            print(_line(f"FAILED  {r.fqn} {r.shard_offsets or ''} in {r.file}: {r.detail}"))
         for r in missing:
-            print(f"{'missing' if args.allow_missing else 'NO DIGEST'}  {r.fqn} {r.shard_offsets or ''} in {r.file}")
+            print(_line(f"{'missing' if args.allow_missing else 'NO DIGEST'}  {r.fqn} {r.shard_offsets or ''} in {r.file}"))
         print(f"{len(ok)} verified, {len(failed)} failed, {len(missing)} without a digest")
     if failed or (missing and not args.allow_missing):
         if missing and not args.allow_missing and not args.json:
@@ -123,14 +132,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     try:
         r = convert(args.src, args.dst, transforms=transforms, compat=args.compat, overwrite=args.overwrite, progress=progress)
     except ConvertVerificationError as exc:
-        print(f"dcpx convert: verification failed: {exc}", file=sys.stderr)
+        print(_line(f"dcpx convert: verification failed: {exc}"), file=sys.stderr)
         return EXIT_FAILED
     finally:
         for bar in bars.values():
             bar.close()
     chain = ", ".join(transform_name(t) for t in transforms) or "no transforms"
     ratio = r.stored_bytes / r.raw_bytes if r.raw_bytes else 1.0
-    print(f"converted {r.src} ({r.src_format}) -> {r.dst} ({r.dst_format}{', compat' if args.compat else ''}; {chain})")
+    print(_line(f"converted {r.src} ({r.src_format}) -> {r.dst} ({r.dst_format}{', compat' if args.compat else ''}; {chain})"))
     print(f"{r.items} items, {r.raw_bytes:,} raw bytes -> {r.stored_bytes:,} stored ({ratio:.3f}); "
           f"every item verified; {r.seconds:.1f} s")
     return EXIT_OK
@@ -192,12 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (DcpxError, OSError) as exc:
-        print(f"dcpx {args.command}: {exc}", file=sys.stderr)
+        print(_line(f"dcpx {args.command}: {exc}"), file=sys.stderr)
         return EXIT_ERROR
     except Exception as exc:
         if not args.reads_checkpoint:
             raise  # a bug, not bad input: the traceback is what helps
-        print(f"dcpx {args.command}: {_subject(args)}: {_unexpected(exc)}", file=sys.stderr)
+        print(_line(f"dcpx {args.command}: {_subject(args)}: {_unexpected(exc)}"), file=sys.stderr)
         return EXIT_ERROR
 
 
