@@ -127,3 +127,29 @@ def test_a_lazy_outer_layer_cannot_feed_an_inner_one_more_than_the_item_holds(to
     with pytest.raises(dcpx.CheckpointFormatError, match="stream holds more than the 2097152 bytes") as caught:
         dcpx.load({"blob": io.BytesIO(), "t": torch.zeros(2)}, tmp_path, max_item_bytes=1 << 20)
     assert str(caught.value).startswith("blob ")
+
+
+def _relabel(path: Path, descriptors: list[str]) -> None:
+    def edit(metadata: Any) -> None:
+        storage_items(metadata)["w"].transform_descriptors = descriptors
+
+    rewrite_metadata(path, edit)
+
+
+def test_an_unframed_item_lists_a_bounded_number_of_stream_transforms(tmp_path: Path) -> None:
+    """Each listed layer nests one more reader: hundreds of them once ended in RecursionError."""
+    dcp.save({"w": torch.ones(4)}, storage_writer=StockWriter(tmp_path))
+    _relabel(tmp_path, ["stream.zstd/1"] * 400)
+    with pytest.raises(dcpx.CheckpointFormatError, match="^w .*lists 400 stream transforms"):
+        dcpx.load({"w": torch.zeros(4)}, tmp_path)
+
+
+def test_a_stream_transform_failing_on_its_input_names_the_item(tmp_path: Path) -> None:
+    """torch's own zstd (the core alone) fed bytes that are not zstd: its ZstdError is the
+    item's CheckpointFormatError, for a load and for verify alike."""
+    dcp.save({"w": torch.ones(4)}, storage_writer=StockWriter(tmp_path))
+    _relabel(tmp_path, ["stream.zstd/1"])
+    with pytest.raises(dcpx.CheckpointFormatError, match=r"^w .*cannot decode it \(ZstdError"):
+        dcpx.load({"w": torch.zeros(4)}, tmp_path)
+    (check,) = verify_checkpoint(str(tmp_path), full=True)
+    assert check.status == "failed" and "ZstdError" in check.detail

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 # torch.save wraps a tensor's bytes in a small zip archive; allow that much on top.
 TORCH_SAVE_OVERHEAD = 1 << 20
 WIDEST_ELEMENT = 16  # complex128
+# stream transforms an unframed item may list (stock torch writes one; each is a nested reader)
+MAX_STREAM_LAYERS = 16
 
 
 class ItemView(io.RawIOBase):
@@ -264,22 +266,32 @@ class ReadJob:
         return target
 
     # stock torch items: torch.save payloads through torch-style stream transforms ------
-    def _decoded(self, limit: int) -> Any:
-        """The item's bytes through its torch-style stream transforms, as a stream.  Callers
-        read at most ``limit`` bytes of it; a dcpx layer, which decodes all at once, may not
-        claim more than that either (a forged header would otherwise size its buffer)."""
+    def _decoded(self, limit: int) -> bytes:
+        """The item's bytes through its torch-style stream transforms: at most ``limit + 1``
+        of them (the caller refuses more).  A dcpx layer, which decodes all at once, may not
+        claim more than that either (a forged header would otherwise size its buffer); a
+        transform's own failure (torch's zstd fed bytes that are not zstd) names the item."""
+        if len(self.descriptors) > MAX_STREAM_LAYERS:
+            raise CheckpointFormatError(f"{self.where}: lists {len(self.descriptors)} stream transforms; "
+                                        f"an item without a dcpx frame is read through at most {MAX_STREAM_LAYERS}")
         stream: Any = io.BytesIO(self.pread(0, self.length))
-        with stream_limit(limit):
-            # stock torch records descriptors innermost first; undo the outermost first
-            for text in reversed(self.descriptors):
-                stream = self.reader.transform_for(text, self.where).transform_from(stream)
-        return stream
+        try:
+            with stream_limit(limit):
+                # stock torch records descriptors innermost first; undo the outermost first
+                for text in reversed(self.descriptors):
+                    stream = self.reader.transform_for(text, self.where).transform_from(stream)
+            return read_bounded(stream, limit + 1)
+        except DcpxError:
+            raise
+        except Exception as exc:
+            raise CheckpointFormatError(f"{self.where}: its stream transforms {self.descriptors} cannot decode it "
+                                        f"({type(exc).__name__}: {str(exc)[:200]})") from exc
 
     def _stock(self, target: torch.Tensor | None) -> Any:
         if self.expected is None:
             if not self.descriptors:
                 self._entry_size()
-            data = read_bounded(self._decoded(self.reader.max_item_bytes), self.reader.max_item_bytes + 1)
+            data = self._decoded(self.reader.max_item_bytes)
             if len(data) > self.reader.max_item_bytes:
                 raise CheckpointFormatError(f"{self.where}: item decodes to more than {self.reader.max_item_bytes} bytes")
             if self.recorded_crc is not None:
@@ -303,7 +315,7 @@ class ReadJob:
         numel = math.prod(shape)
         if self.descriptors:  # decoded in memory: bounded by the recorded tensor, whatever a forger packs
             limit = numel * element_size(dtype) + TORCH_SAVE_OVERHEAD
-            data = read_bounded(self._decoded(limit), limit + 1)
+            data = self._decoded(limit)
             if len(data) > limit:
                 raise CheckpointFormatError(f"{self.where}: item decodes to more bytes than its {dtype} tensor can hold "
                                             "(stock items cast to a wider dtype are read only without transforms)")
