@@ -533,6 +533,8 @@ FORGED_STRUCTURE: dict[str, tuple[Callable[[Any], None], str]] = {
     "chunk-sizes-string": (lambda m: setattr(_tensor_md(m).chunks[0], "sizes", "xyz"), "chunk 0 offsets and sizes"),
     "chunk-rank-mismatch": (lambda m: setattr(_tensor_md(m).chunks[0], "offsets", torch.Size([0])), "dimensions"),
     "chunk-outside": (lambda m: setattr(_tensor_md(m).chunks[0], "offsets", torch.Size([1, 0])), "outside the tensor"),
+    # the whole tensor listed eight times: each chunk would be read and decoded into it again
+    "chunks-overlap": (lambda m: _with_chunks(_tensor_md(m), 8), "its 8 chunks hold 32000 elements, more than the tensor's 4000"),
     "entry-wrong-type": (lambda m: m.state_dict_metadata.__setitem__("model.w", 3), "not DCP storage metadata"),
     "entry-name-not-str": (_rename_entry, "not a string"),
     "sparse-list-index": (lambda m: m.planner_data.__setitem__("model.w", ("model", 10**12)), "far beyond"),

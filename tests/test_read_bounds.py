@@ -153,3 +153,44 @@ def test_a_stream_transform_failing_on_its_input_names_the_item(tmp_path: Path) 
         dcpx.load({"w": torch.zeros(4)}, tmp_path)
     (check,) = verify_checkpoint(str(tmp_path), full=True)
     assert check.status == "failed" and "ZstdError" in check.detail
+
+
+def test_an_item_of_many_chunks_keeps_a_bounded_number_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """chunk_size is the checkpoint's to choose: thousands of tiny chunks must not become
+    thousands of pending decodes (each holds memory until it runs)."""
+    from dcpx import pipeline, read_job
+
+    state = {"w": torch.arange(8192, dtype=torch.int32)}
+    dcpx.save(state, tmp_path, transforms=["zstd"], chunk_size=16)  # 2048 chunks
+    pending: list[int] = []
+    real_pool = read_job.codec_pool
+
+    class Counting:
+        def __init__(self, pool: Any) -> None:
+            self.pool, self.futures = pool, []
+
+        def submit(self, fn: Any, *args: Any) -> Any:
+            self.futures.append(self.pool.submit(fn, *args))
+            pending.append(sum(not f.done() for f in self.futures))
+            return self.futures[-1]
+
+    monkeypatch.setattr(read_job, "codec_pool", lambda workers: Counting(real_pool(workers)))
+    out = {"w": torch.zeros(8192, dtype=torch.int32)}
+    dcpx.load(out, tmp_path, workers=2)
+    assert torch.equal(out["w"], state["w"]) and len(pending) == 2048
+    assert max(pending) <= pipeline.CHUNKS_IN_FLIGHT
+
+
+def test_convert_refuses_a_recorded_size_no_machine_holds(tmp_path: Path) -> None:
+    from dcpx.convert import convert
+
+    dcpx.save({"t": torch.ones(4)}, tmp_path / "src")
+
+    def edit(metadata: Any) -> None:
+        entry = metadata.state_dict_metadata["t"]
+        entry.size = torch.Size([1 << 50])
+        entry.chunks[0].sizes = torch.Size([1 << 50])
+
+    rewrite_metadata(tmp_path / "src", edit)
+    with pytest.raises(dcpx.CheckpointFormatError, match="item 't': cannot allocate its recorded size"):
+        convert(tmp_path / "src", tmp_path / "dst")

@@ -47,6 +47,7 @@ from .convert_sources import (
     SAFETENSORS_SUFFIX,
     _Blob,
     _Source,
+    allocate,
     open_source,
     _safetensors,
 )
@@ -247,7 +248,7 @@ def _write_single_file(source: _Source, dst: str, fmt: str, group_bytes: int, pr
                 td = item.tensor_data
                 whole = flat.get(fqn)
                 if whole is None:
-                    whole = flat[fqn] = _whole_tensor(source.path, fqn, tuple(td.size), td.properties.dtype)
+                    whole = flat[fqn] = allocate(source.path, fqn, tuple(td.size), td.properties.dtype)
                 region(whole, td.chunk.offsets, td.chunk.sizes).copy_(value)
                 covered[fqn] = covered.get(fqn, 0) + math.prod(td.chunk.sizes)
         done += sum(source.raw_size(i) for i in group)
@@ -290,14 +291,6 @@ def _system_error(exc: BaseException) -> OSError | None:
         return None
     code = int(found.group(1))
     return OSError(code, os.strerror(code))
-
-
-def _whole_tensor(path: str, fqn: str, size: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """The tensor the shards of ``fqn`` are assembled into; its size comes from metadata."""
-    try:
-        return torch.empty(size, dtype=dtype)
-    except RuntimeError as exc:  # a size no machine holds: forged or damaged metadata
-        raise CheckpointFormatError(f"{path}: item {fqn!r}: cannot allocate its recorded size {size} ({exc})") from exc
 
 
 def _nest(flat: dict[str, Any], mappings: Any) -> dict[str, Any]:

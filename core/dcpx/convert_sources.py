@@ -123,7 +123,7 @@ class DcpSource(_Source):
 
     def read(self, items: Sequence[WriteItem]) -> dict[MetadataIndex, torch.Tensor | _Blob]:
         requests = [_read_request(item) for item in items]
-        sink = _Capture(self.metadata)
+        sink = _Capture(self.metadata, self.path)
         out: dict[MetadataIndex, torch.Tensor | _Blob] = {}
         try:
             self.reader.read_data(LoadPlan(requests), sink).wait()  # type: ignore[arg-type]
@@ -186,20 +186,28 @@ class _Capture:
 
     dcpx_weights_only = True  # blobs are kept as bytes and loaded by ``safe_value`` only
 
-    def __init__(self, metadata: Metadata) -> None:
-        self.metadata = metadata
+    def __init__(self, metadata: Metadata, path: str) -> None:
+        self.metadata, self.path = metadata, path
         self.tensors: dict[MetadataIndex, torch.Tensor] = {}
         self.blobs: dict[MetadataIndex, bytes] = {}
 
     def resolve_tensor(self, req: ReadItem) -> torch.Tensor:
         md = self.metadata.state_dict_metadata[req.storage_index.fqn]
-        return torch.empty(tuple(req.lengths), dtype=md.properties.dtype)
+        return allocate(self.path, req.storage_index.fqn, tuple(req.lengths), md.properties.dtype)
 
     def commit_tensor(self, req: ReadItem, tensor: torch.Tensor) -> None:
         self.tensors[req.storage_index] = tensor
 
     def load_bytes(self, req: ReadItem, value: io.BytesIO) -> None:
         self.blobs[req.storage_index] = value.getvalue()
+
+
+def allocate(path: str, fqn: str, size: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of the size metadata records for ``fqn``, to read or assemble it into."""
+    try:
+        return torch.empty(size, dtype=dtype)
+    except RuntimeError as exc:  # a size no machine holds: forged or damaged metadata
+        raise CheckpointFormatError(f"{path}: item {fqn!r}: cannot allocate its recorded size {size} ({exc})") from exc
 
 
 class TorchSaveSource(_Source):

@@ -10,6 +10,7 @@ entry and what is wrong with it.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -110,11 +111,13 @@ def _tensor_problem(entry: TensorStorageMetadata) -> str | None:
     chunks = getattr(entry, "chunks", None)
     if not isinstance(chunks, list):
         return f"chunk list is a {type(chunks).__name__}, not a list"
+    held = 0
     for n, chunk in enumerate(chunks):
         if not isinstance(chunk, ChunkStorageMetadata):
             return f"chunk {n} is a {type(chunk).__name__}, not ChunkStorageMetadata"
         offsets, sizes = getattr(chunk, "offsets", None), getattr(chunk, "sizes", None)
         if sizes == size and _is_dims(offsets) and len(offsets) == len(size) and not any(offsets):
+            held += math.prod(size)
             continue  # the usual single chunk holding the whole tensor
         if not _is_dims(offsets) or not _is_dims(sizes):
             return (f"chunk {n} offsets and sizes must be sequences of non-negative integers below 2**63, "
@@ -124,6 +127,11 @@ def _tensor_problem(entry: TensorStorageMetadata) -> str | None:
         # an empty shard may sit anywhere; a non-empty one must lie inside the tensor
         if all(sizes) and any(o + s > d for o, s, d in zip(offsets, sizes, size)):
             return f"chunk {n} at {tuple(offsets)} of size {tuple(sizes)} lies outside the tensor's size {tuple(size)}"
+        held += math.prod(sizes)
+    # DCP's planner refuses to save overlapping chunks; listed many times over, one region
+    # would be read (and decoded) once per chunk into a tensor that holds it once
+    if held > math.prod(size):
+        return f"its {len(chunks)} chunks hold {held} elements, more than the tensor's {math.prod(size)}: they overlap"
     return None
 
 

@@ -20,6 +20,8 @@ from .framing import FrameIndex, chunk_count
 from .transform import Buffer, ChunkInfo, ItemInfo, Transform
 
 DEFAULT_CHUNK_SIZE = 1 << 20
+# chunks of one item submitted to the codec pool ahead of the one being waited for
+CHUNKS_IN_FLIGHT = 64
 
 
 def default_workers() -> int:
@@ -281,13 +283,19 @@ def decode_range(
         for k in ks:
             one(k)
         return
-    futures = [pool.submit(one, k) for k in ks]
+    # a bounded window of submitted chunks: an item of a million tiny chunks (chunk_size is
+    # the checkpoint's to choose) must not hold a million futures at once
+    window: deque[Future[None]] = deque()
     try:
-        for fut in futures:
-            fut.result()
+        for k in ks:
+            if len(window) >= CHUNKS_IN_FLIGHT:
+                window.popleft().result()
+            window.append(pool.submit(one, k))
+        while window:
+            window.popleft().result()
     finally:
         # on a failure, chunks already running still write into ``out`` (perhaps the
         # caller's tensor): they must be done before the error reaches the caller
-        for fut in futures:
+        for fut in window:
             fut.cancel()
-        wait(futures)
+        wait(window)
