@@ -10,6 +10,7 @@ import pickle
 import shutil
 import signal
 import struct
+import zlib
 import subprocess
 import sys
 import threading
@@ -444,10 +445,16 @@ def _index_region(path: Path, info: Any) -> tuple[int, bytes]:
     return start, blob[start:start + index_len]
 
 
-@pytest.mark.parametrize("what", ["magic", "index-length", "index-crc", "index-body", "whole-footer"])
+@pytest.mark.parametrize("what", ["magic", "index-length", "index-crc", "index-body", "whole-footer", "index-reserved"])
 def test_corrupted_footer_or_index(framed: Path, watchdog: dict[str, bool], what: str) -> None:
     info = _items(framed)["model.w"]
     start, body = _index_region(framed, info)
+    if what == "index-reserved":  # the header's two reserved bytes set, the CRC made to match
+        forged = body[:framing.HEADER.size - 2] + b"\xff\xff" + body[framing.HEADER.size:]
+        _patch(framed, info, start, forged)
+        _patch(framed, info, -framing.FOOTER.size + 16, struct.pack("<I", zlib.crc32(forged)))
+        expect_refusal(framed, watchdog, dcpx.CheckpointFormatError, "model.w", "reserved bytes")
+        return
     if what == "magic":
         _patch(framed, info, -framing.FOOTER.size, b"XXXXXXXX")
     elif what == "index-length":

@@ -125,7 +125,8 @@ def test_manifest(tmp_path, watchdog):
     def target(data: bytes) -> None:
         parsed = manifest.loads(data, "fuzz")
         manifest.verify(parsed, metadata_bytes, "fuzz", key if "hmac_sha256" in parsed else None)
-        for records in manifest.records_by_location(parsed).values():  # as a reader looks them up
+        for entry in manifest.items_by_location(parsed).values():  # as a reader looks them up
+            records = entry["records"] or {}
             if digest.RECORD in records:
                 digest.check(0x0A1B2C3D, records[digest.RECORD], "fuzz")
 

@@ -5,7 +5,9 @@ secret), so ``manifest.loads`` checks its whole structure once and every consume
 from __future__ import annotations
 
 import glob
+import io
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -181,3 +183,21 @@ def test_manifest_out_of_proportion_to_the_metadata_is_refused(ckpt: Path, paddi
                  lambda: dcpx.verify.verify_checkpoint(str(ckpt))):
         with pytest.raises(dcpx.CheckpointFormatError, match=needle):
             read()
+
+
+def test_a_framed_entry_decodes_to_the_size_the_manifest_records(tmp_path: Path) -> None:
+    """A non-tensor entry has no size in .metadata; the manifest's raw_size binds its frame,
+    so an index rewritten to drop the last chunks (and the manifest edited to match the new
+    length) cannot hand a planner a shorter entry."""
+    path = tmp_path / "ckpt"
+    dcpx.save({"blob": io.BytesIO(bytes(range(256)) * 64)}, path, transforms=["zstd"], chunk_size=4096)
+
+    def shrink(body: dict[str, Any]) -> None:
+        (entry,) = [e for e in body["items"] if e["fqn"] == "blob"]
+        entry["raw_size"] -= 4096
+
+    _edited(path, shrink)
+    with pytest.raises(dcpx.CheckpointFormatError, match=r"^blob .*frame holds \d+ raw bytes, the checkpoint records") as info:
+        dcpx.load({"blob": io.BytesIO()}, path)
+    held, recorded = (int(n) for n in re.findall(r"(\d+) raw bytes, the checkpoint records (\d+)", str(info.value))[0])
+    assert held - recorded == 4096

@@ -86,11 +86,13 @@ def parse_index(
     _magic, index_len, crc, _pad = FOOTER.unpack(footer)
     if len(body) != index_len or zlib.crc32(body) != crc:
         raise CheckpointFormatError(f"{where}: frame index is corrupted (CRC mismatch)")
-    raw_size, chunk_size, count, n_layers, _pad = HEADER.unpack_from(body)
+    raw_size, chunk_size, count, n_layers, pad = HEADER.unpack_from(body)
+    if pad != _PAD2:
+        raise CheckpointFormatError(f"{where}: frame index header has non-zero reserved bytes (corrupt, or a newer format)")
     if n_layers != layers:
         raise CheckpointFormatError(f"{where}: frame has {n_layers} layers but metadata lists {layers} transforms")
     if expected_raw is not None and raw_size != expected_raw:
-        raise CheckpointFormatError(f"{where}: frame holds {raw_size} raw bytes, metadata expects {expected_raw}")
+        raise CheckpointFormatError(f"{where}: frame holds {raw_size} raw bytes, the checkpoint records {expected_raw}")
     if raw_size > max_raw:
         raise CheckpointFormatError(f"{where}: frame claims {raw_size} raw bytes, more than the limit {max_raw}")
     if not 0 < chunk_size <= MAX_CHUNK_SIZE or count != chunk_count(raw_size, chunk_size):

@@ -220,12 +220,13 @@ def _label(item: dict[str, Any]) -> str:
     return f" ({_show(fqn)})" if isinstance(fqn, str) else ""
 
 
-def records_by_location(manifest: dict[str, Any] | None) -> dict[tuple[str, int, int], dict[str, str]]:
-    """``(file, offset, length)`` -> the records the manifest keeps for the item stored there
-    (a CRC-32C, a checksum's item digest); ``loads`` has checked their types."""
+def items_by_location(manifest: dict[str, Any] | None) -> dict[tuple[str, int, int], dict[str, Any]]:
+    """``(file, offset, length)`` -> the manifest's entry for the item stored there: its
+    ``raw_size`` and ``records`` (a CRC-32C, a checksum's item digest); ``loads`` has checked
+    their types."""
     if manifest is None:
         return {}
-    return {(e["file"], e["offset"], e["length"]): e["records"] for e in manifest["items"] if e["records"]}
+    return {(e["file"], e["offset"], e["length"]): e for e in manifest["items"]}
 
 
 def verify(manifest: dict[str, Any], metadata_bytes: bytes, where: str, hmac_key: bytes | None = None) -> None:

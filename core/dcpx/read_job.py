@@ -79,14 +79,17 @@ class ReadJob:
 
     def __init__(self, reader: FileSystemReader, req: ReadItem, where: str, f: DataFile, offset: int,
                  length: int, descriptors: list[str], expected: tuple[torch.dtype, tuple[int, ...]] | None,
-                 recorded_crc: Any = None, records: Mapping[str, Any] | None = None) -> None:
+                 recorded: Mapping[str, Any] | None = None) -> None:
         self.reader, self.req, self.where, self.file = reader, req, where, f
         self.offset, self.length, self.descriptors, self.expected = offset, length, descriptors, expected
         self.is_tensor = expected is not None
-        # the manifest's CRC-32C, checked for items stored as they are (raw, untransformed)
-        self.recorded_crc = recorded_crc if descriptors in ([], [RAW_DESCRIPTOR]) else None
+        recorded = recorded or {}
         # the manifest's per-transform records of a framed item (e.g. a checksum's item digest)
-        self.records: Mapping[str, Any] = records or {}
+        self.records: Mapping[str, Any] = recorded.get("records") or {}
+        # the manifest's CRC-32C, checked for items stored as they are (raw, untransformed)
+        self.recorded_crc = self.records.get(digest.RECORD) if descriptors in ([], [RAW_DESCRIPTOR]) else None
+        # the size the writer recorded: a framed non-tensor item must decode to exactly that
+        self.recorded_raw: int | None = recorded.get("raw_size")
 
     def pread(self, pos: int, size: int) -> bytes:
         """Read ``size`` stored bytes at item-relative ``pos``; short reads are errors."""
@@ -115,11 +118,9 @@ class ReadJob:
     # dcpx items: raw bytes or framed chunks -------------------------------------------
     def _native(self, target: torch.Tensor | None) -> Any:
         marker = self.descriptors[0]
-        item = self.item_info()
-        raw_size = item.nbytes if self.expected is not None else None
         if marker == RAW_DESCRIPTOR:
             self.check_raw()
-            size = self._entry_size() if raw_size is None else raw_size
+            size = self._entry_size() if self.expected is None else self.item_info().nbytes
 
             def fill(lo: int, hi: int, out: memoryview) -> None:
                 if self.recorded_crc is not None and (lo, hi) == (0, self.length):
@@ -127,7 +128,7 @@ class ReadJob:
                 else:
                     self._read_into(lo, out)
         else:
-            index, chain, item = self.frame(raw_size)
+            index, chain, item = self.frame()
             size = index.raw_size
             pool = codec_pool(self.reader.workers) if index.count > 1 else None
             digests = ItemDigests(chain, item, index.count, self.records)
@@ -199,17 +200,20 @@ class ReadJob:
             value = digest.crc(self.pread(pos, min(block, self.length - pos)), value)
         digest.check(value, self.recorded_crc, self.where)
 
-    def frame(self, raw_size: int | None) -> tuple[FrameIndex, BoundChain, ItemInfo]:
+    def frame(self) -> tuple[FrameIndex, BoundChain, ItemInfo]:
         """Validate a framed item's index and build its decode chain; with them the
         ``ItemInfo`` its chunks were encoded against (a non-tensor item's size is the
-        index's, as the writer saw it), the one place load and ``verify`` take it from."""
+        index's, as the writer saw it), the one place load and ``verify`` take it from.
+        The index must hold the tensor's size, or for a non-tensor item the size the
+        manifest records (at most ``max_item_bytes``)."""
+        raw_size = self.item_info().nbytes if self.expected is not None else self.recorded_raw
         chain_desc = self.descriptors[1:]
         if self.descriptors[0] != FRAME_DESCRIPTOR or not chain_desc:
             raise CheckpointFormatError(f"{self.where}: malformed dcpx descriptor list {self.descriptors}")
         footer = self.pread(self.length - FOOTER.size, FOOTER.size) if self.length >= FOOTER.size else b""
         index_len = parse_footer(footer, self.length, self.where)
         body = self.pread(self.length - FOOTER.size - index_len, index_len)
-        limit = self.reader.max_item_bytes if raw_size is None else raw_size
+        limit = self.reader.max_item_bytes if self.expected is None else raw_size
         index = parse_index(footer, body, self.length, len(chain_desc), self.where, raw_size, limit)
         innermost_first = list(reversed(chain_desc))
         transforms = tuple(self.reader.transform_for(d, self.where) for d in innermost_first)

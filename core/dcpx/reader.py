@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from . import commit, digest, manifest
+from . import commit, manifest
 from .checkpoint_files import CheckpointDirectory, load_manifest, load_metadata
 from .data_files import DataFiles
 from .descriptor import parse
@@ -89,7 +89,7 @@ class FileSystemReader(CheckpointDirectory, StorageReader):
         self.storage_data: dict[MetadataIndex, Any] = {}
         self.metadata: Metadata | None = None
         self.manifest: dict[str, Any] | None = None
-        self._records: dict[tuple[str, int, int], dict[str, str]] = {}  # by (file, offset, length)
+        self._recorded: dict[tuple[str, int, int], dict[str, Any]] = {}  # manifest entries by (file, offset, length)
         self.metadata_error: DcpxError | None = None
         self.rank: int | None = None
         self.use_collectives = True
@@ -100,7 +100,7 @@ class FileSystemReader(CheckpointDirectory, StorageReader):
         self.storage_data = {}
         self.metadata = None
         self.manifest = None
-        self._records = {}
+        self._recorded = {}
         self.metadata_error = None
         self.load_id = str(uuid.uuid4())
         if checkpoint_id:
@@ -211,7 +211,7 @@ class FileSystemReader(CheckpointDirectory, StorageReader):
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.metadata = metadata
         self.storage_data = metadata.storage_data
-        self._records = manifest.records_by_location(self.manifest)
+        self._recorded = manifest.items_by_location(self.manifest)
         self.rank = kwargs.get("rank")
         self.use_collectives = kwargs.get("use_collectives", True)
         if not isinstance(self.storage_data, dict):
@@ -269,8 +269,8 @@ class FileSystemReader(CheckpointDirectory, StorageReader):
                 f"{where}: item ends at byte {offset + length} but the file has only {opened.size} bytes (truncated?)"
             )
         expected = self._expected(req, where)
-        records = self._records.get((rel, offset, length), {})
-        return ReadJob(self, req, where, opened, offset, length, descriptors, expected, records.get(digest.RECORD), records)
+        recorded = self._recorded.get((rel, offset, length), {})
+        return ReadJob(self, req, where, opened, offset, length, descriptors, expected, recorded)
 
     def _check_policy(self, where: str, descriptors: list[str]) -> None:
         names = {descriptor_name(d) for d in descriptors}

@@ -138,7 +138,7 @@ def _check_job(job: ReadJob, base: dict[str, Any], full: bool) -> ItemCheck:
 def _check_frames(job: ReadJob, full: bool) -> tuple[str, str, bool]:
     """A framed item, chunk by chunk down to its outermost integrity layer (``full``: every
     layer): its status, what checked it, and whether it could be decoded at all (keys)."""
-    index_, chain, item = job.frame(job.item_info().nbytes if job.is_tensor else None)
+    index_, chain, item = job.frame()
     checks = [i for i, t in enumerate(chain.transforms) if t.verifies_integrity]
     if not checks and not full:
         return "missing", "no integrity transform", False
