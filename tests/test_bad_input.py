@@ -959,3 +959,18 @@ def test_inspect_survives_sizes_no_float_holds(ckpt: Path) -> None:
     except dcpx.DcpxError:
         return  # refused by the metadata check: as good
     assert info["totals"]["ratio"] is None
+
+
+def test_a_scalar_listed_once_per_rank_loads(tmp_path: Path) -> None:
+    """A 0-dim tensor every rank kept (a planner that skips deduplication; torch's own check
+    lets 0-dim tensors through) lists one chunk per rank: not an overlap worth refusing."""
+    dcpx.save({"step": torch.tensor(5.0)}, tmp_path)
+
+    def every_rank(metadata: Any) -> None:
+        entry = metadata.state_dict_metadata["step"]
+        entry.chunks = entry.chunks * 4
+
+    rewrite_metadata(tmp_path, every_rank)
+    out = {"step": torch.tensor(0.0)}
+    dcpx.load(out, tmp_path)
+    assert out["step"].item() == 5.0

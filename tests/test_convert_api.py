@@ -418,4 +418,5 @@ def test_a_single_file_the_system_refuses_to_write(tmp_path: Path, out: str) -> 
     failure = json.loads(done.stdout)
     assert failure["type"] == "WriteError" and failure["errno"] == errno.EFBIG, failure
     assert "file failed: File too large" in failure["message"], failure
+    assert failure["message"].startswith(f"[Errno 27] {dst}: ") and "dcpx-convert" not in failure["message"], failure
     assert failure["left"] == [], failure  # no destination, no staging

@@ -30,6 +30,43 @@ def _claim(path: Path, fqn: str, size: int) -> None:
         f.write(struct.pack("<Q", size))
 
 
+class Doubling(dcpx.Transform):
+    """Stores every byte twice: its output is twice its input (error-correcting codes and
+    text armour also grow what they encode)."""
+
+    name = "stream.double@test"
+    version = 1
+
+    @classmethod
+    def from_params(cls, version: int, params: Any) -> dcpx.Transform:
+        return cls()
+
+    def encode(self, data: memoryview, chunk: Any) -> bytes:
+        return bytes(data) * 2
+
+    def decode(self, data: memoryview, chunk: Any, size: int) -> bytes:
+        if data.nbytes != 2 * size or data[:size] != data[size:]:
+            raise dcpx.IntegrityError(f"{chunk.item.fqn}: the two copies differ")
+        return bytes(data[:size])
+
+
+def test_a_transform_whose_output_is_larger_than_its_input_reads_back(fresh_host: Any, tmp_path: Path) -> None:
+    """The bound is on what a layer claims and on what a lazy decoder feeds it, not on bytes
+    already read: stock torch writing through a transform that doubles 8 MiB."""
+
+    class Plugin:
+        @dcpx.hookimpl
+        def dcpx_register_transforms(self, register: Any) -> None:
+            register(Doubling)
+
+    dcpx.register_plugin(Plugin(), name="dcpx-test-double")
+    state = {"t": torch.randn(1 << 21)}
+    dcp.save(state, storage_writer=StockWriter(tmp_path, _extensions=[Doubling()]))
+    out = {"t": torch.zeros(1 << 21)}
+    dcpx.load(out, tmp_path)
+    assert torch.equal(out["t"], state["t"])
+
+
 @pytest.mark.parametrize("fqn", ["blob", "t"])
 def test_a_stream_header_cannot_claim_more_than_the_item_holds(toys: Any, tmp_path: Path, fqn: str) -> None:
     dcp.save({"blob": io.BytesIO(b"abc" * 100), "t": torch.ones(2)},
@@ -96,7 +133,14 @@ def test_verify_binds_chunks_to_the_item_as_load_does(toys: Any, tmp_path: Path)
     assert all(nbytes == saved[fqn] for fqn, nbytes in verified), verified
 
 
-@pytest.mark.parametrize("workers", [0, -1, 1.5, True])
+def test_workers_may_be_any_integer_type(tmp_path: Path) -> None:
+    import numpy as np
+
+    assert dcpx.FileSystemWriter(tmp_path, workers=np.int64(3)).workers == 3
+    assert dcpx.FileSystemReader(tmp_path, workers=np.int32(2)).workers == 2
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, True, "2"])
 def test_workers_must_be_a_positive_count(tmp_path: Path, workers: Any) -> None:
     with pytest.raises(dcpx.ConfigError, match="workers"):
         dcpx.FileSystemWriter(tmp_path, workers=workers)

@@ -112,7 +112,7 @@ def convert(
             writer.recorded_path = dst
             _write_dcp(source, writer, group_bytes, progress, report.raw_bytes)
         else:
-            _write_single_file(source, target, dst_format, group_bytes, progress, report.raw_bytes)
+            _write_single_file(source, target, dst, dst_format, group_bytes, progress, report.raw_bytes)
         try:
             written = open_source(target, _reader_config(reader_transforms, transforms), workers)
         except DcpxError as exc:
@@ -223,9 +223,12 @@ def _committed(path: str, results: list[Any]) -> bool:
     return bool(mine) and (keep is None or bool(mine & keep))
 
 
-def _write_single_file(source: _Source, dst: str, fmt: str, group_bytes: int, progress: Progress | None, total: int) -> None:
-    """A ``.pt`` or ``.safetensors`` file at ``dst`` (a staging path): shards are assembled
-    into whole tensors, then the library writes the file."""
+def _write_single_file(source: _Source, dst: str, named: str, fmt: str, group_bytes: int, progress: Progress | None,
+                       total: int) -> None:
+    """A ``.pt`` or ``.safetensors`` file at ``dst`` (a staging path; errors name the
+    destination the caller gave, ``named``): shards are assembled into whole tensors, then
+    the library writes the file.  ``torch.save`` writes to a stream, which names the
+    archive's records ``archive/...`` rather than after the file; ``torch.load`` reads either."""
     if fmt == "safetensors":
         blobs = [i.index.fqn for i in source.items if i.type == WriteItemType.BYTE_IO]
         if blobs:
@@ -262,7 +265,7 @@ def _write_single_file(source: _Source, dst: str, fmt: str, group_bytes: int, pr
     if fmt == "safetensors":
         for fqn, tensor in flat.items():
             if tensor.dtype not in SAFETENSORS_DTYPES:
-                raise ConfigError(f"{dst}: item {fqn!r} is {tensor.dtype}, which safetensors has no code for; "
+                raise ConfigError(f"{named}: item {fqn!r} is {tensor.dtype}, which safetensors has no code for; "
                                   "convert to a DCP directory or a .pt file instead")
     try:
         if fmt == "pt":
@@ -274,7 +277,7 @@ def _write_single_file(source: _Source, dst: str, fmt: str, group_bytes: int, pr
         refused = _system_error(exc)
         if refused is None:
             raise
-        raise commit.write_failure(refused, dst, f"{fmt} file") from exc
+        raise commit.write_failure(refused, named, f"{fmt} file") from exc
 
 
 def _system_error(exc: BaseException) -> OSError | None:

@@ -128,9 +128,10 @@ def _tensor_problem(entry: TensorStorageMetadata) -> str | None:
         if all(sizes) and any(o + s > d for o, s, d in zip(offsets, sizes, size)):
             return f"chunk {n} at {tuple(offsets)} of size {tuple(sizes)} lies outside the tensor's size {tuple(size)}"
         held += math.prod(sizes)
-    # DCP's planner refuses to save overlapping chunks; listed many times over, one region
-    # would be read (and decoded) once per chunk into a tensor that holds it once
-    if held > math.prod(size):
+    # DCP's planner refuses to save overlapping chunks (a 0-dim tensor's copies excepted, one
+    # element each); listed many times over, one region would be read and decoded once per
+    # chunk into a tensor that holds it once
+    if size and held > math.prod(size):
         return f"its {len(chunks)} chunks hold {held} elements, more than the tensor's {math.prod(size)}: they overlap"
     return None
 

@@ -8,6 +8,7 @@ thread that owns the file writes results strictly in order.
 
 from __future__ import annotations
 
+import operator
 import os
 import threading
 from collections import deque
@@ -20,7 +21,8 @@ from .framing import FrameIndex, chunk_count
 from .transform import Buffer, ChunkInfo, ItemInfo, Transform
 
 DEFAULT_CHUNK_SIZE = 1 << 20
-# chunks of one item submitted to the codec pool ahead of the one being waited for
+# chunks of one item submitted to the codec pool ahead of the one being waited for (at
+# least; twice the pool's threads where that is more)
 CHUNKS_IN_FLIGHT = 64
 
 
@@ -28,13 +30,18 @@ def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def checked_workers(workers: int | None) -> int:
-    """A ``workers=`` argument: None for one thread per available core, else a positive count."""
+def checked_workers(workers: Any) -> int:
+    """A ``workers=`` argument: None for one thread per available core, else a positive count
+    (any integer type, e.g. numpy's; not a bool)."""
     if workers is None:
         return default_workers()
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+    try:
+        count = operator.index(workers) if not isinstance(workers, bool) else 0
+    except TypeError:
+        count = 0
+    if count < 1:
         raise ConfigError(f"workers must be a positive number of threads (or None for one per core), not {workers!r}")
-    return workers
+    return count
 
 
 _pool_lock = threading.Lock()
@@ -286,9 +293,10 @@ def decode_range(
     # a bounded window of submitted chunks: an item of a million tiny chunks (chunk_size is
     # the checkpoint's to choose) must not hold a million futures at once
     window: deque[Future[None]] = deque()
+    in_flight = max(CHUNKS_IN_FLIGHT, 2 * getattr(pool, "_max_workers", 0))  # every thread kept busy
     try:
         for k in ks:
-            if len(window) >= CHUNKS_IN_FLIGHT:
+            if len(window) >= in_flight:
                 window.popleft().result()
             window.append(pool.submit(one, k))
         while window:

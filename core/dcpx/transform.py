@@ -224,10 +224,12 @@ def _decode_stream(transform: Transform, input: IO[bytes]) -> IO[bytes]:
     limit = _stream_limit.get()
     if size > limit:
         raise CheckpointFormatError(f"{transform.name}: stream claims {size} bytes; this item may hold at most {limit}")
-    # the layer outside may itself be a lazy decoder (torch's zstd): read only what may be held
-    data = read_bounded(input, limit + 1)
-    if len(data) > limit:
-        raise CheckpointFormatError(f"{transform.name}: stream holds more than the {limit} bytes this item may hold")
+    if isinstance(input, io.BytesIO):  # bytes already held (the stored item, an eager layer's output)
+        data = input.read()
+    else:  # a lazy decoder outside (torch's zstd): read only what this item may hold
+        data = read_bounded(input, limit + 1)
+        if len(data) > limit:
+            raise CheckpointFormatError(f"{transform.name}: stream holds more than the {limit} bytes this item may hold")
     decoded = transform.decode(memoryview(data), _stream_chunk(size), size)
     if len(decoded) != size:
         raise IntegrityError(f"{transform.name}: decoded {len(decoded)} bytes, expected {size}")
