@@ -420,3 +420,24 @@ def test_a_single_file_the_system_refuses_to_write(tmp_path: Path, out: str) -> 
     assert "file failed: File too large" in failure["message"], failure
     assert failure["message"].startswith(f"[Errno 27] {dst}: ") and "dcpx-convert" not in failure["message"], failure
     assert failure["left"] == [], failure  # no destination, no staging
+
+
+def test_groups_count_what_non_tensor_entries_decode_to(tmp_path: Path) -> None:
+    """A compressed entry stores a few KiB of a MiB of zeros: groups are sized by the decoded
+    size (the manifest's), or, where no manifest records it, by the most an entry may hold."""
+    from torch.distributed.checkpoint._extension import ZStandard
+
+    state = {f"blob{i}": bytes(1 << 20) for i in range(4)}
+    dcp.save(state, storage_writer=dcpx.FileSystemWriter(tmp_path / "dcpx", transforms=["zstd"]))
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp_path / "stock", _extensions=[ZStandard()]))
+    limit = 3 << 20  # room for two decoded entries, and for all four as stored
+    src = open_source(str(tmp_path / "dcpx"))
+    assert all(src.stored_size(i) < 64 << 10 and src.raw_size(i) > 1 << 20 for i in src.items)
+    assert [len(g) for g in src.groups(src.items, limit)] == [2, 2]
+    stock = open_source(str(tmp_path / "stock"))
+    assert [len(g) for g in stock.groups(stock.items, limit)] == [1, 1, 1, 1]
+    report = convert(tmp_path / "dcpx", tmp_path / "out", group_bytes=limit)
+    assert report.verified and report.raw_bytes == sum(src.raw_size(i) for i in src.items)
+    loaded = {k: None for k in state}
+    dcp.load(loaded, storage_reader=dcpx.FileSystemReader(tmp_path / "out"))
+    assert loaded == state

@@ -69,18 +69,23 @@ class _Source(abc.ABC):
         return 0
 
     def raw_size(self, item: WriteItem) -> int:
-        """Bytes ``item`` takes once read: a tensor chunk's size, a non-tensor's stored size."""
+        """Bytes ``item`` takes once read: a tensor chunk's size; a non-tensor's decoded size
+        where the source records it, else its stored size."""
         if item.type == WriteItemType.BYTE_IO:
             return self.stored_size(item)
         td = item.tensor_data
         return nbytes_of(tuple(td.chunk.sizes), td.properties.dtype)
 
+    def held_size(self, item: WriteItem) -> int:
+        """The most memory ``item`` may take once read, which is what groups are sized by."""
+        return self.raw_size(item)
+
     def groups(self, items: Sequence[WriteItem], limit: int) -> Iterator[list[WriteItem]]:
-        """Consecutive items whose raw size stays under ``limit`` (one item may exceed it)."""
+        """Consecutive items whose held size stays under ``limit`` (one item may exceed it)."""
         group: list[WriteItem] = []
         size = 0
         for item in items:
-            n = self.raw_size(item)
+            n = self.held_size(item)
             if group and size + n > limit:
                 yield group
                 group, size = [], 0
@@ -137,6 +142,22 @@ class DcpSource(_Source):
     def stored_size(self, item: WriteItem) -> int:
         info = self.metadata.storage_data[item.index]
         return int(info.length)
+
+    def raw_size(self, item: WriteItem) -> int:
+        if item.type == WriteItemType.BYTE_IO:
+            recorded = self.reader.recorded_size(self.metadata.storage_data[item.index])
+            if recorded is not None:
+                return recorded
+        return super().raw_size(item)
+
+    def held_size(self, item: WriteItem) -> int:
+        """A transformed non-tensor entry may decode to far more than it stores.  The manifest
+        records its size; without one (stock torch's own compression) it may take up to
+        ``max_item_bytes``, so it is counted as that and read in a group of its own."""
+        info = self.metadata.storage_data[item.index]
+        if item.type == WriteItemType.BYTE_IO and info.transform_descriptors and self.reader.recorded_size(info) is None:
+            return max(int(info.length), self.reader.max_item_bytes)
+        return self.raw_size(item)
 
 
 def _items_from_metadata(path: str, metadata: Metadata) -> list[WriteItem]:

@@ -217,6 +217,12 @@ class FileSystemReader(CheckpointDirectory, StorageReader):
         if not isinstance(self.storage_data, dict):
             raise CheckpointFormatError(f"{self._dir}: metadata has no storage table")
 
+    def recorded_size(self, info: _StorageInfo) -> int | None:
+        """The decoded size the manifest records for the item stored at ``info`` (None without
+        a manifest entry): what a non-tensor entry will take in memory, before reading it."""
+        entry = self._recorded.get((info.relative_path, info.offset, info.length))
+        return None if entry is None else int(entry["raw_size"])
+
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
 
