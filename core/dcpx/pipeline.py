@@ -261,9 +261,11 @@ def decode_range(
     out: memoryview,
     pool: ThreadPoolExecutor | None,
     digests: ItemDigests | None = None,
+    threads: int = 1,
 ) -> None:
     """Decode raw bytes ``[lo, hi)`` of a framed item into ``out``, touching only the chunks
-    that overlap the range.  ``read(offset, size)`` returns stored bytes relative to the item.
+    that overlap the range, on ``pool`` (of ``threads`` threads) when given.
+    ``read(offset, size)`` returns stored bytes relative to the item.
     When the range touches every chunk, ``digests`` collects their records: the caller
     checks them with ``digests.check()`` once ``out`` is filled."""
     if hi <= lo:
@@ -293,7 +295,7 @@ def decode_range(
     # a bounded window of submitted chunks: an item of a million tiny chunks (chunk_size is
     # the checkpoint's to choose) must not hold a million futures at once
     window: deque[Future[None]] = deque()
-    in_flight = max(CHUNKS_IN_FLIGHT, 2 * getattr(pool, "_max_workers", 0))  # every thread kept busy
+    in_flight = max(CHUNKS_IN_FLIGHT, 2 * threads)  # every thread kept busy
     try:
         for k in ks:
             if len(window) >= in_flight:

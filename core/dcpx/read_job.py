@@ -134,7 +134,7 @@ class ReadJob:
             digests = ItemDigests(chain, item, index.count, self.records)
 
             def fill(lo: int, hi: int, out: memoryview) -> None:
-                decode_range(index, chain, item, self.pread, lo, hi, out, pool, digests)
+                decode_range(index, chain, item, self.pread, lo, hi, out, pool, digests, self.reader.workers)
                 self._check_item(digests, out)
         if self.expected is None:
             # pages of an empty tensor are only touched as chunks decode into them: a raw size
