@@ -543,6 +543,11 @@ FORGED_STRUCTURE: dict[str, tuple[Callable[[Any], None], str]] = {
     # the whole tensor listed eight times: each chunk would be read and decoded into it again
     "chunks-overlap": (lambda m: _with_chunks(_tensor_md(m), 8), "its 8 chunks hold 32000 elements, more than the tensor's 4000"),
     "entry-wrong-type": (lambda m: m.state_dict_metadata.__setitem__("model.w", 3), "not DCP storage metadata"),
+    # a non-tensor entry described as a tensor, and the reverse: torch's planner raised ValueError
+    "bytes-as-tensor": (lambda m: m.state_dict_metadata.__setitem__("extra.note", _tensor_md(m)),
+                        "'extra.note' is described as a tensor but stored as a non-tensor entry"),
+    "tensor-as-bytes": (lambda m: m.state_dict_metadata.__setitem__("model.w", m.state_dict_metadata["extra.note"]),
+                        "'model.w' is described as a non-tensor entry but stored as a tensor chunk"),
     "entry-name-not-str": (_rename_entry, "not a string"),
     "sparse-list-index": (lambda m: m.planner_data.__setitem__("model.w", ("model", 10**12)), "far beyond"),
     "path-through-value": (lambda m: m.planner_data.__setitem__("model.b", ("model.w", "x")), "does not fit"),

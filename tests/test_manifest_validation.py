@@ -201,3 +201,24 @@ def test_a_framed_entry_decodes_to_the_size_the_manifest_records(tmp_path: Path)
         dcpx.load({"blob": io.BytesIO()}, path)
     held, recorded = (int(n) for n in re.findall(r"(\d+) raw bytes, the checkpoint records (\d+)", str(info.value))[0])
     assert held - recorded == 4096
+
+
+@pytest.mark.parametrize("edit", ["moved", "dropped"])
+def test_every_stored_item_must_have_its_manifest_entry(ckpt: Path, edit: str) -> None:
+    """An item the reader finds no entry for would be read without the CRC-32C (or item
+    digest) its entry records: a changed byte in it loaded as it was."""
+    def change(body: dict[str, Any]) -> None:
+        (entry,) = [e for e in body["items"] if e["fqn"] == "model.w"]
+        if edit == "moved":
+            entry["offset"] += 1
+        else:
+            body["items"].remove(entry)
+
+    name, _ = _edited(ckpt, change)
+    needle = rf"{re.escape(str(name))}: records no item at file '[^']+', offset \d+, length \d+, where .metadata stores 'model.w'"
+    with pytest.raises(dcpx.CheckpointFormatError, match=needle):
+        dcpx.load({"model.w": torch.zeros(40, 100)}, ckpt)
+    with pytest.raises(dcpx.CheckpointFormatError, match=needle):
+        describe(str(ckpt))
+    with pytest.raises(dcpx.CheckpointFormatError, match=needle):
+        dcpx.verify.verify_checkpoint(str(ckpt))

@@ -118,6 +118,7 @@ def _forge(path, claim=None) -> None:
         md = pickle.load(f)
     info = storage_items(md)["w"]
     data_file = path / info.relative_path
+    was = (info.relative_path, info.offset, info.length)
     info.offset, info.length = data_file.stat().st_size, FORGED.numel() * 4
     info.transform_descriptors = ["raw@dcpx/1"]
     with open(data_file, "ab") as f:
@@ -128,6 +129,9 @@ def _forge(path, claim=None) -> None:
     body = json.load(open(manifest))
     body["metadata_sha256"] = hashlib.sha256(md_bytes).hexdigest()
     body.get("files", {})[info.relative_path] = data_file.stat().st_size
+    for entry in body["items"]:
+        if (entry["file"], entry["offset"], entry["length"]) == was:
+            entry.update(offset=info.offset, length=info.length, raw_size=info.length, descriptors=[], records={})
     if claim is None:
         body.pop("hmac_key", None), body.pop("hmac_sha256", None)
     else:

@@ -106,6 +106,7 @@ def load_manifest(directory: str, metadata: Metadata, metadata_bytes: bytes) -> 
     with unforeseen_failures(path):
         body = manifest.loads(data, path, items)
         manifest.verify(body, metadata_bytes, path)
+        manifest.check_covers(body, metadata.storage_data, path)
     return body
 
 

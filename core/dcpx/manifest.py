@@ -229,6 +229,21 @@ def items_by_location(manifest: dict[str, Any] | None) -> dict[tuple[str, int, i
     return {(e["file"], e["offset"], e["length"]): e for e in manifest["items"]}
 
 
+def check_covers(manifest: dict[str, Any], storage: Any, where: str) -> None:
+    """Every item ``.metadata`` stores must have the manifest's entry at its exact location:
+    a writer records each one, and an item the reader found no entry for would be read
+    without the CRC-32C or item digest the entry holds."""
+    recorded = {(e["file"], e["offset"], e["length"]) for e in manifest["items"]}
+    for index, info in (storage or {}).items():
+        location = (getattr(info, "relative_path", None), getattr(info, "offset", None), getattr(info, "length", None))
+        if location not in recorded:
+            raise CheckpointFormatError(
+                f"{where}: records no item at file {_show(location[0])}, offset {_show(location[1])}, length "
+                f"{_show(location[2])}, where .metadata stores {_show(getattr(index, 'fqn', index))}; "
+                "the manifest or .metadata was edited"
+            )
+
+
 def verify(manifest: dict[str, Any], metadata_bytes: bytes, where: str, hmac_key: bytes | None = None) -> None:
     """Check that the manifest belongs to these metadata bytes (and, with a key, its HMAC)."""
     actual = hashlib.sha256(metadata_bytes).hexdigest()

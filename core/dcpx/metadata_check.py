@@ -62,6 +62,7 @@ def check_metadata(metadata: Any, where: str, size: int) -> None:
     for index, info in (storage or {}).items():
         if isinstance(info, _StorageInfo):  # anything else is refused when an item is read
             check_storage_entry(index, info, where)
+            _check_kind(index, entries.get(index.fqn), where)
     planner_data = getattr(metadata, "planner_data", None)
     if isinstance(planner_data, dict):
         _check_flattening_paths(planner_data, where)
@@ -160,6 +161,19 @@ def check_storage_entry(index: Any, info: _StorageInfo, where: str) -> None:
     if not placed:
         raise CheckpointFormatError(f"{what}: offset {_shown(offset, 40)} and length {_shown(length, 40)} must be non-negative integers below 2**63")
     raise CheckpointFormatError(f"{what}: transform descriptors {_shown(descriptors, 120)} must be a list of strings")
+
+
+def _check_kind(index: MetadataIndex, entry: Any, where: str) -> None:
+    """DCP keys a tensor's stored chunk by its offsets and a non-tensor entry by name alone;
+    an entry relabelled as the other kind would reach the planner, which fails with a bare
+    ``ValueError``, or read one kind of item as the other."""
+    if entry is None:
+        return  # an item no entry describes is refused when it is read
+    tensor = isinstance(entry, TensorStorageMetadata)
+    if tensor != (index.offset is not None):
+        kind = "a tensor" if tensor else "a non-tensor entry"
+        stored = "a non-tensor entry (no offsets)" if tensor else "a tensor chunk (at offsets)"
+        raise CheckpointFormatError(f"{where}: {_shown(index.fqn, 200)} is described as {kind} but stored as {stored}")
 
 
 def _shard_key(index: MetadataIndex) -> bool:
