@@ -245,12 +245,9 @@ def test_a_save_left_unfinished_does_not_lock_the_path(committed):
     assert _load_values(committed) == {3.0}
 
 
-def test_a_save_that_failed_in_planning_frees_the_path_when_its_writer_is_dropped(committed):
-    """A planner raising in finish_plan, after the coordinator took the lock: DCP tells the
-    writer nothing, so dropping the writer is what frees the path for other processes."""
-    import fcntl
-    import gc
-
+def _failed_after_planning(path: os.PathLike[str]) -> dcpx.FileSystemWriter:
+    """A writer whose save failed after the coordinator took the lock (a planner raising in
+    finish_plan): DCP tells the writer nothing, so it still holds the lock."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import DefaultSavePlanner
     from torch.distributed.checkpoint.api import CheckpointException
@@ -259,9 +256,19 @@ def test_a_save_that_failed_in_planning_frees_the_path_when_its_writer_is_droppe
         def finish_plan(self, new_plan):
             raise RuntimeError("planner failed")
 
-    writer = dcpx.FileSystemWriter(committed, transforms=["zstd"], sync_files=False)
+    writer = dcpx.FileSystemWriter(path, transforms=["zstd"], sync_files=False)
     with pytest.raises(CheckpointException):
         dcp.save(_state(2.0), storage_writer=writer, planner=Failing())
+    return writer
+
+
+def test_a_save_that_failed_in_planning_frees_the_path_when_its_writer_is_dropped(committed):
+    """A planner raising in finish_plan, after the coordinator took the lock: DCP tells the
+    writer nothing, so dropping the writer is what frees the path for other processes."""
+    import fcntl
+    import gc
+
+    writer = _failed_after_planning(committed)
     lock = os.path.join(committed, commit.LOCK)
 
     def free() -> bool:  # a separate open file description, as another process would have
@@ -279,6 +286,34 @@ def test_a_save_that_failed_in_planning_frees_the_path_when_its_writer_is_droppe
     gc.collect()
     assert free()
     assert _load_values(committed) == {1.0}
+
+
+def test_a_writer_handed_to_another_process_takes_no_lock_along(committed):
+    """``async_save`` with a process executor pickles the writer into torch's checkpointing
+    process.  A writer whose last save failed after planning still held its lock: the copy
+    carried the descriptor numbers (and closed whatever had them there when dropped), and
+    the original kept the path locked against the copy's own saves."""
+    import gc
+    import pickle
+
+    writer = _failed_after_planning(committed)
+    held = list(writer._scope.lock._fds)
+    assert held
+    data = pickle.dumps(writer)
+    # the original let go: the numbers it held now name other files in this process
+    reused = [os.open(os.devnull, os.O_RDONLY) for _ in held]
+    try:
+        assert set(held) <= set(reused)
+        copy = pickle.loads(data)
+        del copy
+        gc.collect()
+        for fd in reused:
+            os.fstat(fd)  # still open
+    finally:
+        for fd in reused:
+            os.close(fd)
+    torch.distributed.checkpoint.save(_state(3.0), storage_writer=pickle.loads(data))  # as that process would
+    assert _load_values(committed) == {3.0}
 
 
 def test_a_save_still_writing_keeps_the_lock(committed):

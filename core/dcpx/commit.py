@@ -19,7 +19,7 @@ import re
 import stat
 import threading
 import weakref
-from typing import Iterable
+from typing import Any, Iterable
 
 from .errors import CommitError, DcpxError, WriteError
 
@@ -194,7 +194,8 @@ class SaveLock:
                 raise CommitError(
                     f"{self.directory}: another save to this checkpoint path{whose} is in progress; "
                     "wait for it or save to another path (a save that failed after planning, e.g. in a "
-                    "planner's finish_plan, keeps the path until its writer saves again or is garbage collected)"
+                    "planner's finish_plan or on another rank, keeps the path until its writer saves again or "
+                    "is garbage collected; in torch's checkpointing process, until its next async_save)"
                 ) from exc
             raise
         self._fds.append(fd)
@@ -251,6 +252,15 @@ class SaveLock:
             return True
         except CommitError:
             return False
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A lock belongs to its process: a copy (a writer pickled into torch's checkpointing
+        process by ``async_save``) holds nothing, and must not close, as its own, whatever
+        has the same descriptor numbers there.  The original gives up a lock it holds only
+        between saves (its save failed after planning): the copy saves in its place."""
+        if not self.busy:
+            self.release()
+        return {**self.__dict__, "_fds": [], "busy": False, "superseded": False}
 
     def __del__(self) -> None:
         self.release()
