@@ -186,3 +186,29 @@ def test_a_storage_key_of_the_wrong_shape_is_refused_with_the_metadata(tmp_path:
     for read in (lambda: verify_checkpoint(str(tmp_path), full=True), lambda: dcpx.load({"w": torch.zeros(4, 4)}, tmp_path)):
         with pytest.raises(dcpx.CheckpointFormatError, match="storage entry of 'w'.*its key has offset"):
             read()
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_an_entry_with_no_stored_item_fails_verify(tmp_path: Path, full: bool) -> None:
+    """A load of 'b' fails when .metadata lists it but stores nothing for it, so verify
+    must not report the checkpoint as verified."""
+    import glob
+    import hashlib
+    import json
+
+    from checkpoint_helpers import rewrite_metadata
+
+    dcpx.save({"a": torch.arange(6.0), "b": torch.ones(3), "n": 7}, tmp_path)
+    rewrite_metadata(tmp_path, lambda m: [m.storage_data.pop(i) for i in list(m.storage_data) if i.fqn in ("b", "n")],
+                     drop_manifest=False)
+    (name,) = glob.glob(str(tmp_path / ".dcpx-manifest-*.json"))  # rebound, as anyone can without a key
+    body = json.loads(Path(name).read_bytes())
+    body["metadata_sha256"] = hashlib.sha256((tmp_path / ".metadata").read_bytes()).hexdigest()
+    Path(name).write_text(json.dumps(body))
+    checks = {c.fqn: c for c in verify_checkpoint(str(tmp_path), full=full)}
+    assert checks["a"].status == "ok"
+    assert (checks["b"].status, checks["b"].shard_offsets) == ("failed", (0,))
+    assert (checks["n"].status, checks["n"].shard_offsets) == ("failed", None)
+    assert "lists it but stores no item" in checks["b"].detail
+    with pytest.raises(dcpx.CheckpointFormatError, match="b: no storage entry"):
+        dcpx.load({"a": torch.zeros(6), "b": torch.zeros(3)}, tmp_path)

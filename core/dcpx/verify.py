@@ -60,10 +60,16 @@ def verify_checkpoint(
     reader = FileSystemReader(path, transforms=transforms, workers=workers)
     metadata = reader.read_metadata()  # .metadata against the manifest, the manifest's HMAC as a load checks it
     reader.set_up_storage_reader(metadata, True)
+    unstored = [ItemCheck(fqn, offsets, "", "failed", f"{fqn}: .metadata lists it but stores no item for it")
+                for fqn, offsets in _unstored(metadata)]
     if on_start is not None:
-        on_start(len(metadata.storage_data or {}))
+        on_start(len(metadata.storage_data or {}) + len(unstored))
     files = DataFiles(path)
     results: list[ItemCheck] = []
+    for check in unstored:
+        results.append(check)
+        if on_item is not None:
+            on_item(check)
     try:
         with ThreadPoolExecutor(reader.workers, thread_name_prefix="dcpx-verify") as pool:
             for check in pool.map(lambda pair: _check(reader, files, *pair, full), _requests(metadata)):
@@ -73,6 +79,20 @@ def verify_checkpoint(
     finally:
         files.close()
     return results
+
+
+def _unstored(metadata: Any) -> list[tuple[str, tuple[int, ...] | None]]:
+    """Entries (a tensor's chunks) of ``state_dict_metadata`` with no stored item: a load
+    that asks for them fails, so the checkpoint cannot be called verified."""
+    stored = {(i.fqn, tuple(i.offset) if i.offset is not None else None)
+              for i in metadata.storage_data or {} if isinstance(i, MetadataIndex)}
+    listed: list[tuple[str, tuple[int, ...] | None]] = []
+    for fqn, md in metadata.state_dict_metadata.items():
+        if isinstance(md, TensorStorageMetadata):
+            listed.extend((fqn, tuple(c.offsets)) for c in md.chunks)
+        else:
+            listed.append((fqn, None))
+    return [key for key in listed if key not in stored]
 
 
 def _requests(metadata: Any) -> Iterator[tuple[MetadataIndex, ReadItem]]:
