@@ -212,3 +212,30 @@ def test_an_entry_with_no_stored_item_fails_verify(tmp_path: Path, full: bool) -
     assert "lists it but stores no item" in checks["b"].detail
     with pytest.raises(dcpx.CheckpointFormatError, match="b: no storage entry"):
         dcpx.load({"a": torch.zeros(6), "b": torch.zeros(3)}, tmp_path)
+
+
+def test_full_verify_decodes_one_non_tensor_entry_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An entry is decoded whole (up to max_item_bytes): on N threads at once, a few KB of
+    forged zstd entries cost N times that, so entries take turns, as in a load."""
+    import threading
+    import time
+
+    from dcpx import verify
+
+    dcpx.save({f"e{i}": {"step": i} for i in range(6)}, tmp_path, transforms=["zstd"])
+    running, peak, guard = [0], [0], threading.Lock()
+    real = verify.load_weights_only
+
+    def counted(data: Any, where: str) -> Any:
+        with guard:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.05)
+        with guard:
+            running[0] -= 1
+        return real(data, where)
+
+    monkeypatch.setattr(verify, "load_weights_only", counted)
+    checks = verify_checkpoint(str(tmp_path), full=True, workers=4)
+    assert len(checks) == 6 and {c.status for c in checks} == {"missing"}  # decoded; zstd has no digest
+    assert peak[0] == 1

@@ -111,6 +111,9 @@ def _requests(metadata: Any) -> Iterator[tuple[MetadataIndex, ReadItem]]:
 
 
 _files_lock = threading.Lock()
+# a non-tensor entry is decoded whole (up to max_item_bytes, twice that at peak): one at a
+# time, as a load decodes them, so that memory does not grow with the number of threads
+_entry_lock = threading.Lock()
 
 
 def _check(reader: FileSystemReader, files: DataFiles, index: MetadataIndex, req: ReadItem, full: bool) -> ItemCheck:
@@ -146,7 +149,8 @@ def _check_job(job: ReadJob, base: dict[str, Any], full: bool) -> ItemCheck:
     if not full or not decodable:
         return ItemCheck(status=status, detail=detail, **base)
     if not job.is_tensor:  # every layer again, then unpickled as a default (weights-only) load does
-        load_weights_only(job.run(None), job.where)
+        with _entry_lock:
+            load_weights_only(job.run(None), job.where)
     elif raw:  # nothing to decode: its size is checked above, its bytes by the CRC-32C if any
         return ItemCheck(status=status, detail=detail, **base)
     elif job.descriptors[:1] != [FRAME_DESCRIPTOR]:
