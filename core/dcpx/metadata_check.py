@@ -170,7 +170,7 @@ def _check_kind(index: MetadataIndex, entry: Any, where: str) -> None:
     if entry is None:
         return  # an item no entry describes is refused when it is read
     tensor = isinstance(entry, TensorStorageMetadata)
-    if tensor != (index.offset is not None):
+    if tensor != (getattr(index, "offset", None) is not None):  # a forged key may lack the field
         kind = "a tensor" if tensor else "a non-tensor entry"
         stored = "a non-tensor entry (no offsets)" if tensor else "a tensor chunk (at offsets)"
         raise CheckpointFormatError(f"{where}: {_shown(index.fqn, 200)} is described as {kind} but stored as {stored}")

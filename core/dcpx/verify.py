@@ -84,8 +84,8 @@ def verify_checkpoint(
 def _unstored(metadata: Any) -> list[tuple[str, tuple[int, ...] | None]]:
     """Entries (a tensor's chunks) of ``state_dict_metadata`` with no stored item: a load
     that asks for them fails, so the checkpoint cannot be called verified."""
-    stored = {(i.fqn, tuple(i.offset) if i.offset is not None else None)
-              for i in metadata.storage_data or {} if isinstance(i, MetadataIndex)}
+    keys = [(getattr(i, "fqn", None), getattr(i, "offset", None)) for i in metadata.storage_data or {}]
+    stored = {(fqn, tuple(offset) if offset is not None else None) for fqn, offset in keys}
     listed: list[tuple[str, tuple[int, ...] | None]] = []
     for fqn, md in metadata.state_dict_metadata.items():
         if isinstance(md, TensorStorageMetadata):
