@@ -543,6 +543,7 @@ FORGED_STRUCTURE: dict[str, tuple[Callable[[Any], None], str]] = {
     # the whole tensor listed eight times: each chunk would be read and decoded into it again
     "chunks-overlap": (lambda m: _with_chunks(_tensor_md(m), 8), "its 8 chunks hold 32000 elements, more than the tensor's 4000"),
     "entry-wrong-type": (lambda m: m.state_dict_metadata.__setitem__("model.w", 3), "not DCP storage metadata"),
+    "no-storage-table": (lambda m: setattr(m, "storage_data", None), "storage table is missing"),
     # a non-tensor entry described as a tensor, and the reverse: torch's planner raised ValueError
     "bytes-as-tensor": (lambda m: m.state_dict_metadata.__setitem__("extra.note", _tensor_md(m)),
                         "'extra.note' is described as a tensor but stored as a non-tensor entry"),

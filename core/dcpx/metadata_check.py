@@ -44,8 +44,8 @@ def check_metadata(metadata: Any, where: str, size: int) -> None:
         raise CheckpointFormatError(f"{where}: does not hold DCP Metadata")
     _check_sharing(metadata, entries, where, size)
     storage = getattr(metadata, "storage_data", None)
-    if storage is not None and not isinstance(storage, dict):
-        raise CheckpointFormatError(f"{where}: storage table is not a mapping")
+    if not isinstance(storage, dict):  # every DCP writer records one, if only empty
+        raise CheckpointFormatError(f"{where}: storage table is {'missing' if storage is None else 'not a mapping'}")
     meta = getattr(metadata, "storage_meta", None)
     save_id = getattr(meta, "save_id", None)
     if meta is not None and (not isinstance(meta, StorageMeta) or not isinstance(save_id, (str, type(None)))):
