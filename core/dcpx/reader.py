@@ -114,8 +114,11 @@ class FileSystemReader(CheckpointDirectory, StorageReader):
         name = commit.metadata_name(rank)
         try:
             metadata, data = load_metadata(self._dir, name)
-            self.manifest = load_manifest(self._dir, metadata, data)
+            self.manifest = load_manifest(self._dir, metadata, data, covers=False)
             self._authenticate_manifest(metadata, data)
+            if self.manifest is not None:
+                where = manifest.path_in(self._dir, str(metadata.storage_meta.save_id))
+                manifest.check_covers(self.manifest, metadata.storage_data, where)
             if self.expected_checkpoint_id is not None:
                 found = metadata.storage_meta.save_id if metadata.storage_meta else None
                 if found != self.expected_checkpoint_id:
