@@ -233,7 +233,7 @@ def check_covers(manifest: dict[str, Any], storage: Any, where: str) -> None:
     """Every item ``.metadata`` stores must have the manifest's entry at its exact location:
     a writer records each one, and an item the reader found no entry for would be read
     without the CRC-32C or item digest the entry holds."""
-    recorded = {(e["file"], e["offset"], e["length"]) for e in manifest["items"]}
+    recorded = items_by_location(manifest)
     for index, info in (storage or {}).items():
         location = (getattr(info, "relative_path", None), getattr(info, "offset", None), getattr(info, "length", None))
         if location not in recorded:
